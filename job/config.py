@@ -1,0 +1,220 @@
+"""The job's settings: a typed schema, YAML files, dotted `key=value` overrides.
+
+Every setting a user can name lives here, with its default and the values it allows.
+`load_config` turns a YAML file plus overrides into a validated `Config` or raises
+`ConfigError` with one line that names the setting, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A setting is wrong; the message is one line fit for a user."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos, not extensions: reject them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    name: str = "cifar10"
+    data_dir: Optional[str] = None  # None: TFDS's own default, which honours TFDS_DATA_DIR
+    download: bool = True
+    train_split: str = "train[:90%]"
+    val_split: Optional[str] = "train[90%:]"
+    eval_split: str = "test"
+    # "memory", "none", or a file path prefix for tf.data's on-disk cache.
+    cache: str = "memory"
+    shuffle_buffer: int = Field(50_000, ge=1)
+    augment: Literal["none", "flip", "flip_crop"] = "flip"
+    # Where the 32x32 -> image_size resize and input scaling run: in tf.data on the host,
+    # or inside the train step on the accelerator (the host then ships uint8 32x32 batches).
+    resize_on: Literal["host", "device"] = "device"
+
+
+class ModelConfig(_Section):
+    image_size: int = Field(96, ge=32, le=512)
+    alpha: Literal[0.35, 0.5, 0.75, 1.0, 1.3, 1.4] = 1.0
+    weights: str = "imagenet"  # "imagenet", "none", or a path to a .h5/.weights.h5 file
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: str) -> str:
+        if value in ("imagenet", "none"):
+            return value
+        if not value.endswith(".h5"):
+            raise ValueError("must be 'imagenet', 'none' or a path to a .h5 weights file")
+        return value
+
+
+class PhaseConfig(_Section):
+    epochs: float = Field(ge=0)
+    learning_rate: float = Field(gt=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_epochs: float = Field(0.0, ge=0)
+
+
+class FinetuneConfig(PhaseConfig):
+    # "all" or the number of top backbone layers to unfreeze. BatchNorm stays in inference mode.
+    unfreeze: Union[Literal["all"], int] = "all"
+
+    @field_validator("unfreeze")
+    @classmethod
+    def _unfreeze(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be 'all' or a positive number of layers")
+        return value
+
+
+class TrainConfig(_Section):
+    # The global batch, split evenly over replicas; see per_replica_batch_size.
+    batch_size: int = Field(64, ge=1)
+    # If set, the global batch is this times the number of replicas (batch_size is ignored).
+    per_replica_batch_size: Optional[int] = Field(None, ge=1)
+    # Learning rates are given for `base_batch_size`; "linear" scales them by
+    # global_batch / base_batch_size (Goyal et al. 2017), "none" uses them as given.
+    lr_scaling: Literal["linear", "none"] = "none"
+    base_batch_size: int = Field(64, ge=1)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    head: PhaseConfig = PhaseConfig(epochs=2, learning_rate=1e-3)
+    finetune: FinetuneConfig = FinetuneConfig(epochs=1, learning_rate=1e-4, warmup_epochs=0.1)
+    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
+    strategy: Literal["auto", "default", "one_device", "mirrored", "multi_worker_mirrored"] = "auto"
+    # Split the host CPU into this many logical devices (lets `mirrored` run on a CPU box).
+    cpu_devices: int = Field(1, ge=1, le=64)
+    jit_compile: bool = False
+    steps_per_call: int = Field(1, ge=1, le=1000)
+    # Frozen phase without augmentation: compute backbone features once, train the head on
+    # them. "auto" does so whenever it is exactly equivalent.
+    cache_features: Literal["auto", "on", "off"] = "auto"
+    seed: int = 0
+
+
+class CheckpointConfig(_Section):
+    every_steps: int = Field(200, ge=1)
+    keep: int = Field(3, ge=1)
+
+
+class TelemetryConfig(_Section):
+    log_every_steps: int = Field(20, ge=1)
+    # Train steps [start, stop) of the phase named in profile_phase traced by the profiler;
+    # null turns profiling off.
+    profile_steps: Optional[tuple[int, int]] = (10, 15)
+    profile_phase: Literal["head", "finetune"] = "finetune"
+    profile_all_workers: bool = False
+    progress_bar: bool = True
+    # Validation accuracies whose first crossing is recorded as time-to-accuracy.
+    accuracy_thresholds: list[float] = [0.5, 0.8, 0.85, 0.9, 0.95]
+
+    @field_validator("profile_steps")
+    @classmethod
+    def _profile_steps(cls, value):
+        if value is not None and not (0 <= value[0] < value[1]):
+            raise ValueError("must be [start, stop] with 0 <= start < stop, or null")
+        return value
+
+
+class RayConfig(_Section):
+    enabled: bool = False
+    address: Optional[str] = None  # None: RAY_ADDRESS if set, else an embedded local Ray
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    gpus_per_worker: int = Field(1, ge=0)
+    cpus_per_worker: float = Field(1, gt=0)
+    max_failures: int = Field(2, ge=-1)
+    storage_path: Optional[str] = None  # None: <workdir>/ray
+    name: str = "mobilenet-transfer"
+
+
+class Config(_Section):
+    workdir: str = "runs/default"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        if self.train.cache_features == "on" and self.data.augment != "none":
+            raise ValueError(
+                "train.cache_features='on' needs data.augment='none' (cached features cannot be augmented)"
+            )
+        return self
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    node = tree
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: '{key}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`train.batch_size=128` -> ("train.batch_size", 128); values are parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{text}': expected key=value, e.g. train.batch_size=128")
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({err.problem})") from None
+
+
+def _describe(error: dict) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "config"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown setting"
+    bad = error.get("input")
+    if isinstance(bad, (dict, list)) and error["type"] != "literal_error":
+        return f"{where}: {message}"
+    return f"{where}={bad!r}: {message}"
+
+
+def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults when `path` is None) and apply overrides."""
+    tree: dict = {}
+    if path is not None:
+        config_path = Path(path)
+        if not config_path.is_file():
+            raise ConfigError(f"config file {path!r} does not exist")
+        try:
+            tree = yaml.safe_load(config_path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {path!r}{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path!r}: top level must be a mapping of settings")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_describe(err.errors()[0])) from None
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def default_data_dir(config: Config) -> Optional[str]:
+    """The TFDS data_dir in effect: the setting, else TFDS_DATA_DIR, else TFDS's default."""
+    return config.data.data_dir or os.environ.get("TFDS_DATA_DIR")

@@ -1,0 +1,110 @@
+"""MobileNetV2 transfer model: a frozen-or-tunable ImageNet backbone and a new head.
+
+Three Keras models share the same layers:
+  extractor:  model input -> backbone (always in inference mode) -> pooled features
+  head:       pooled features -> dropout -> Dense(num_classes), float32 logits
+  classifier: extractor then head; what is trained end to end and checkpointed
+`head` exists on its own so the frozen phase can train on cached features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import keras
+
+WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
+
+
+class WeightsError(RuntimeError):
+    """Backbone weights cannot be found or loaded; one line fit for a user."""
+
+
+@dataclasses.dataclass
+class TransferModel:
+    backbone: keras.Model
+    extractor: keras.Model
+    head: keras.Model
+    classifier: keras.Model
+
+
+def imagenet_weights_file(alpha: float) -> str:
+    """Path of Keras's ImageNet no-top weights for `alpha`, downloading into KERAS_HOME if missing.
+
+    The 224 px file is used for every input size: convolution weights do not depend on it.
+    """
+    fname = f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_224_no_top.h5"
+    keras_home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
+    cached = os.path.join(keras_home, "models", fname)
+    if os.path.isfile(cached):
+        return cached
+    try:
+        return keras.utils.get_file(fname, WEIGHTS_URL + fname, cache_subdir="models")
+    except Exception as err:  # noqa: BLE001 - every failure gets the same advice
+        raise WeightsError(
+            f"model.weights='imagenet': {fname} is not in {os.path.join(keras_home, 'models')} and could not be "
+            f"downloaded ({type(err).__name__}); set KERAS_HOME to a directory holding models/{fname}, "
+            "or model.weights=/path/to/weights.h5"
+        ) from None
+
+
+def _load_backbone_weights(backbone: keras.Model, path: str, setting: str) -> None:
+    if not os.path.isfile(path):
+        raise WeightsError(f"model.weights={setting!r}: file {path!r} does not exist")
+    try:
+        backbone.load_weights(path)
+    except Exception as err:  # noqa: BLE001 - h5py, shape and layout errors all mean "wrong file"
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise WeightsError(
+            f"model.weights={setting!r}: cannot load {path!r} into MobileNetV2(alpha={backbone.alpha if hasattr(backbone, 'alpha') else '?'}) "
+            f"({type(err).__name__}: {first_line}); is it a MobileNetV2 no-top weights file for this alpha?"
+        ) from None
+
+
+def build_model(image_size: int, alpha: float, weights: str, num_classes: int, dropout: float) -> TransferModel:
+    """Build the three models under the current dtype policy and distribution scope."""
+    backbone = keras.applications.MobileNetV2(
+        input_shape=(image_size, image_size, 3), alpha=alpha, include_top=False, weights=None
+    )
+    backbone.alpha = alpha
+    if weights == "imagenet":
+        _load_backbone_weights(backbone, imagenet_weights_file(alpha), weights)
+    elif weights != "none":
+        _load_backbone_weights(backbone, weights, weights)
+
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    # training=False is fixed in the graph: BatchNorm keeps its ImageNet statistics even
+    # while fine-tuning (small-batch statistics would wreck them).
+    features = keras.layers.GlobalAveragePooling2D(name="pool")(backbone(inputs, training=False))
+    extractor = keras.Model(inputs, features, name="extractor")
+
+    feature_input = keras.Input((features.shape[-1],), name="features")
+    x = keras.layers.Dropout(dropout, name="dropout")(feature_input)
+    # float32 logits even under mixed precision: softmax and loss stay numerically stable.
+    logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(x)
+    head = keras.Model(feature_input, logits, name="head")
+
+    classifier = keras.Model(inputs, head(extractor(inputs)), name="classifier")
+    return TransferModel(backbone, extractor, head, classifier)
+
+
+def set_backbone_trainable(model: TransferModel, unfreeze) -> None:
+    """False / "all" / N: freeze the backbone, unfreeze all of it, or only its top N layers."""
+    backbone = model.backbone
+    if unfreeze is False:
+        backbone.trainable = False
+        return
+    backbone.trainable = True
+    if unfreeze != "all":
+        for layer in backbone.layers[: max(len(backbone.layers) - int(unfreeze), 0)]:
+            layer.trainable = False
+
+
+def serving_model(model: TransferModel, image_size: int) -> keras.Model:
+    """Raw uint8 images of any size in, class probabilities out."""
+    raw = keras.Input((None, None, 3), dtype="uint8", name="raw_image")
+    x = keras.layers.Resizing(image_size, image_size, interpolation="bilinear", name="resize")(raw)
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="scale")(x)
+    probabilities = keras.layers.Softmax(dtype="float32", name="probabilities")(model.classifier(x))
+    return keras.Model(raw, probabilities, name="serving")

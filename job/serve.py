@@ -1,0 +1,78 @@
+"""Export a trained workdir as a model that serves raw images, and evaluate a workdir.
+
+Export rebuilds the model outside any distribution strategy in float32, restores the
+latest checkpoint, and writes:
+  <workdir>/export/model.keras     Keras 3 file: uint8 images in, probabilities out
+  <workdir>/export/saved_model/    TF SavedModel with a `serve` endpoint, for TF Serving
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from job import data as data_lib
+from job.config import Config
+from job.model import build_model, serving_model
+
+log = logging.getLogger(__name__)
+
+
+class NothingToLoad(RuntimeError):
+    """The workdir has neither a checkpoint nor an exported model."""
+
+
+def export_dir(workdir: str) -> str:
+    return os.path.join(workdir, "export")
+
+
+def restore_classifier(config: Config, workdir: str):
+    """A float32 TransferModel holding the weights of the workdir's latest checkpoint."""
+    directory = os.path.join(workdir, "checkpoints")
+    latest = tf.train.latest_checkpoint(directory)
+    if latest is None:
+        raise NothingToLoad(f"workdir {workdir!r}: no checkpoint in {directory}")
+    num_classes = data_lib.dataset_info(config.data, []).num_classes
+    keras.mixed_precision.set_global_policy("float32")
+    # weights="none": the checkpoint holds every weight, no need to read ImageNet's.
+    model = build_model(config.model.image_size, config.model.alpha, "none", num_classes, config.model.dropout)
+    tf.train.Checkpoint(model=model.classifier).restore(latest).expect_partial().assert_existing_objects_matched()
+    return model, latest
+
+
+def export(config: Config, workdir: str) -> str:
+    model, latest = restore_classifier(config, workdir)
+    served = serving_model(model, config.model.image_size)
+    out = export_dir(workdir)
+    os.makedirs(out, exist_ok=True)
+    served.save(os.path.join(out, "model.keras"))
+    served.export(os.path.join(out, "saved_model"), format="tf_saved_model", verbose=False)
+    log.info("exported %s to %s", latest, out)
+    return out
+
+
+def load_exported(workdir: str) -> keras.Model:
+    path = os.path.join(export_dir(workdir), "model.keras")
+    if not os.path.isfile(path):
+        raise NothingToLoad(f"workdir {workdir!r}: no exported model at {path}")
+    return keras.models.load_model(path)
+
+
+def evaluate(config: Config, workdir: str, split: str) -> dict:
+    """Accuracy of the workdir's latest checkpoint (else its exported model) on `split`."""
+    try:
+        model, source = restore_classifier(config, workdir)
+        served = serving_model(model, config.model.image_size)
+    except NothingToLoad:
+        served, source = load_exported(workdir), os.path.join(export_dir(workdir), "model.keras")
+    raw = data_lib.load_images(config.data, split).batch(256)
+    correct = count = 0
+    for images, labels in raw:
+        predicted = np.argmax(served(images, training=False), axis=-1)
+        correct += int(np.sum(predicted == labels.numpy()))
+        count += int(labels.shape[0])
+    return {"split": split, "accuracy": correct / max(count, 1), "examples": count, "source": source}
