@@ -43,7 +43,9 @@ def main(argv=None) -> int:
         return _fail(str(err), 2)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # TFDS logs every dataset it opens
+    # TFDS logs every dataset it opens, tf.distribute every reduction it plans.
+    for noisy in ("absl", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # Heavy imports after validation: bad input is reported in a fraction of a second.
     from job.checkpoints import WorkdirBusy

@@ -434,6 +434,7 @@ class Run:
             self.scalars.flush()
 
     def write_summary(self, status: str) -> dict:
+        history = self._load_summary().get("validation_history", []) + self.history
         summary = {
             "status": status,
             "step": int(self.step.numpy()),
@@ -443,9 +444,9 @@ class Run:
             "strategy": type(self.strategy).__name__,
             "images_seen": int(self.step.numpy()) * self.global_batch,
             "wall_seconds": round(time.time() - COMMAND_START, 1),
-            "final_val_accuracy": self.history[-1]["val_accuracy"] if self.history else None,
+            "final_val_accuracy": history[-1]["val_accuracy"] if history else None,
             "time_to_accuracy": self.time_to_accuracy,
-            "validation_history": self._load_summary().get("validation_history", []) + self.history,
+            "validation_history": history,
         }
         if self.chief:
             tmp = self.summary_path + ".tmp"
