@@ -62,6 +62,9 @@ class PhaseConfig(_Section):
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: float = Field(0.0, ge=0)
     warmup_epochs: float = Field(0.0, ge=0)
+    # This phase's augmentation; null: data.augment. A head phase without augmentation can
+    # train on cached backbone features (train.cache_features).
+    augment: Optional[Literal["none", "flip", "flip_crop"]] = None
 
 
 class FinetuneConfig(PhaseConfig):
@@ -147,11 +150,14 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self):
-        if self.train.cache_features == "on" and self.data.augment != "none":
+        if self.train.cache_features == "on" and self.augment_for("head") != "none":
             raise ValueError(
-                "train.cache_features='on' needs data.augment='none' (cached features cannot be augmented)"
+                "train.cache_features='on' needs train.head.augment='none' (cached features cannot be augmented)"
             )
         return self
+
+    def augment_for(self, phase: str) -> str:
+        return getattr(self.train, phase).augment or self.data.augment
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:
@@ -163,6 +169,13 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
             raise ConfigError(f"{dotted}: '{key}' is a value, not a section")
         node = child
     node[keys[-1]] = value
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -206,7 +219,8 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
     try:
-        return Config.model_validate(tree)
+        # Onto the defaults, so `train.head.augment=none` keeps the head's other defaults.
+        return Config.model_validate(_merge(Config().model_dump(), tree))
     except ValidationError as err:
         raise ConfigError(_describe(err.errors()[0])) from None
 

@@ -134,12 +134,15 @@ def train_dataset(
     seed: int,
     skip_batches: int = 0,
     input_context: Optional[tf.distribute.InputContext] = None,
+    augment_mode: Optional[str] = None,
 ):
     """Endless shuffled, augmented batches of `batch_size` for one input pipeline.
 
     With data.resize_on == "device" the batches stay uint8 at native size; the train
     step resizes them. `skip_batches` fast-forwards a resumed run past seen batches.
+    `augment_mode` overrides data.augment (phases may augment differently).
     """
+    augment_mode = augment_mode or data.augment
     ds = load_images(data, split, input_context)
     ds = ds.shuffle(data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
     ds = ds.batch(batch_size, drop_remainder=True)
@@ -150,7 +153,7 @@ def train_dataset(
 
     def prepare(batch, index):
         images, labels = batch
-        images = augment(images, data.augment, tf.stack([tf.cast(seed, tf.int64), index]))
+        images = augment(images, augment_mode, tf.stack([tf.cast(seed, tf.int64), index]))
         if data.resize_on == "host":
             images = to_model_input(images, image_size)
         return images, labels

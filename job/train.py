@@ -269,7 +269,7 @@ class Run:
 
     def use_feature_cache(self, phase: Phase) -> bool:
         setting = self.config.train.cache_features
-        return phase.name == "head" and (setting == "on" or (setting == "auto" and self.config.data.augment == "none"))
+        return phase.name == "head" and (setting == "on" or (setting == "auto" and self.config.augment_for("head") == "none"))
 
     def _device_preprocess(self):
         if self.config.data.resize_on == "device":
@@ -289,10 +289,11 @@ class Run:
         # Each input pipeline hands one per-replica batch to each of its local replicas per step.
         return phase_step * (ctx.num_replicas_in_sync // ctx.num_input_pipelines)
 
-    def image_datasets(self, phase_step: int):
+    def image_datasets(self, phase: Phase, phase_step: int):
         d, m, seed = self.config.data, self.config.model, self.config.train.seed
+        augment = self.config.augment_for(phase.name)
         train = self._distribute(lambda b, ctx: data_lib.train_dataset(
-            d, d.train_split, b, m.image_size, seed, self._skip_batches(phase_step, ctx), ctx))
+            d, d.train_split, b, m.image_size, seed, self._skip_batches(phase_step, ctx), ctx, augment))
         val = self._distribute(lambda b, ctx: data_lib.eval_dataset(d, d.val_split, b, m.image_size, ctx)) if d.val_split else None
         return train, val
 
@@ -375,7 +376,7 @@ class Run:
         preprocess = (lambda x: x) if cached else self._device_preprocess()
         steps = StepFunctions(self.strategy, net, self.optimizers[phase.name], preprocess, self.global_batch,
                               cfg.train.label_smoothing, self.step, cfg.train.jit_compile)
-        train_data, val_data = self.feature_datasets(phase_step) if cached else self.image_datasets(phase_step)
+        train_data, val_data = self.feature_datasets(phase_step) if cached else self.image_datasets(phase, phase_step)
         iterator = iter(train_data)
         profiler = ProfilerWindow(self.profile_dir if tel.profile_phase == phase.name else None, tel.profile_steps)
         meter, bar = Throughput(), progress(phase.name, phase.steps, phase_step, self.chief and tel.progress_bar)
