@@ -98,8 +98,9 @@ class TrainConfig(_Section):
     jit_compile: bool = False
     steps_per_call: int = Field(1, ge=1, le=1000)
     # Frozen phase without augmentation: compute backbone features once, train the head on
-    # them. "auto" does so whenever it is exactly equivalent.
-    cache_features: Literal["auto", "on", "off"] = "auto"
+    # them. "auto" does so whenever it is exactly equivalent. (A bool, not "on"/"off": YAML
+    # reads on/off as booleans.)
+    cache_features: Union[Literal["auto"], bool] = "auto"
     seed: int = 0
 
 
@@ -150,9 +151,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self):
-        if self.train.cache_features == "on" and self.augment_for("head") != "none":
+        if self.train.cache_features is True and self.augment_for("head") != "none":
             raise ValueError(
-                "train.cache_features='on' needs train.head.augment='none' (cached features cannot be augmented)"
+                "train.cache_features=true needs train.head.augment='none' (cached features cannot be augmented)"
             )
         return self
 

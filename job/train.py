@@ -269,7 +269,7 @@ class Run:
 
     def use_feature_cache(self, phase: Phase) -> bool:
         setting = self.config.train.cache_features
-        return phase.name == "head" and (setting == "on" or (setting == "auto" and self.config.augment_for("head") == "none"))
+        return phase.name == "head" and (setting is True or (setting == "auto" and self.config.augment_for("head") == "none"))
 
     def _device_preprocess(self):
         if self.config.data.resize_on == "device":
