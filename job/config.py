@@ -190,13 +190,25 @@ def parse_override(text: str) -> tuple[str, object]:
         raise ConfigError(f"override '{text}': value is not valid YAML ({err.problem})") from None
 
 
-def _describe(error: dict) -> str:
-    where = ".".join(str(part) for part in error["loc"]) or "config"
-    message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
+_UNION_TAGS = ("literal[", "bool", "int", "float", "str", "function-after[")
+
+
+def _setting(error: dict) -> str:
+    """Dotted setting name, without pydantic's union-member tags such as `literal['auto']`."""
+    parts = [str(p) for p in error["loc"] if not str(p).startswith(_UNION_TAGS)]
+    return ".".join(parts) or "config"
+
+
+def _describe(errors: list[dict]) -> str:
+    first = errors[0]
+    where = _setting(first)
+    if first["type"] == "extra_forbidden":
         return f"{where}: unknown setting"
-    bad = error.get("input")
-    if isinstance(bad, (dict, list)) and error["type"] != "literal_error":
+    # A value that fits no member of a union fails once per member: say all that is allowed.
+    messages = [e["msg"].removeprefix("Value error, ") for e in errors if _setting(e) == where]
+    message = "; or ".join(dict.fromkeys(messages))
+    bad = first.get("input")
+    if isinstance(bad, (dict, list)) and first["type"] != "literal_error":
         return f"{where}: {message}"
     return f"{where}={bad!r}: {message}"
 
@@ -223,7 +235,7 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
         # Onto the defaults, so `train.head.augment=none` keeps the head's other defaults.
         return Config.model_validate(_merge(Config().model_dump(), tree))
     except ValidationError as err:
-        raise ConfigError(_describe(err.errors()[0])) from None
+        raise ConfigError(_describe(err.errors())) from None
 
 
 def dump_config(config: Config) -> str:
