@@ -190,12 +190,12 @@ def parse_override(text: str) -> tuple[str, object]:
         raise ConfigError(f"override '{text}': value is not valid YAML ({err.problem})") from None
 
 
-_UNION_TAGS = ("literal[", "bool", "int", "float", "str", "function-after[")
+_UNION_TYPES = {"bool", "int", "float", "str"}
 
 
 def _setting(error: dict) -> str:
     """Dotted setting name, without pydantic's union-member tags such as `literal['auto']`."""
-    parts = [str(p) for p in error["loc"] if not str(p).startswith(_UNION_TAGS)]
+    parts = [str(p) for p in error["loc"] if str(p) not in _UNION_TYPES and "[" not in str(p)]
     return ".".join(parts) or "config"
 
 

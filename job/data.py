@@ -72,6 +72,10 @@ def dataset_info(data: DataConfig, splits: list[str]) -> DatasetInfo:
     sizes = {}
     for split in splits:
         try:
+            if not builder.info.splits:
+                # No split metadata (e.g. under tfds.testing.mock_data): count by reading.
+                sizes[split] = int(builder.as_dataset(split=split).reduce(0, lambda n, _: n + 1))
+                continue
             sizes[split] = builder.info.splits[split].num_examples
         except (ValueError, KeyError) as err:
             available = list(builder.info.splits.keys())

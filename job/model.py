@@ -91,14 +91,18 @@ def build_model(image_size: int, alpha: float, weights: str, num_classes: int, d
 
 def set_backbone_trainable(model: TransferModel, unfreeze) -> None:
     """False / "all" / N: freeze the backbone, unfreeze all of it, or only its top N layers."""
-    backbone = model.backbone
+    layers = model.backbone.layers
     if unfreeze is False:
-        backbone.trainable = False
-        return
-    backbone.trainable = True
-    if unfreeze != "all":
-        for layer in backbone.layers[: max(len(backbone.layers) - int(unfreeze), 0)]:
-            layer.trainable = False
+        first = len(layers)
+    elif unfreeze == "all":
+        first = 0
+    else:
+        first = max(len(layers) - int(unfreeze), 0)
+    # Set every layer explicitly: a container's `trainable = True` does not undo an earlier
+    # per-layer freeze.
+    model.backbone.trainable = first < len(layers)
+    for index, layer in enumerate(layers):
+        layer.trainable = index >= first
 
 
 def serving_model(model: TransferModel, image_size: int) -> keras.Model:

@@ -1,0 +1,51 @@
+"""The transfer model: freezing, mixed precision dtypes, the serving wrapper."""
+
+import keras
+import numpy as np
+import pytest
+
+from job.model import WeightsError, build_model, serving_model, set_backbone_trainable
+
+
+@pytest.fixture
+def model():
+    return build_model(image_size=32, alpha=0.35, weights="none", num_classes=10, dropout=0.0)
+
+
+def test_freeze_and_unfreeze_top_layers(model):
+    set_backbone_trainable(model, False)
+    assert len(model.classifier.trainable_variables) == 2  # Dense kernel and bias only
+    set_backbone_trainable(model, 10)
+    layers = model.backbone.layers
+    trainable = [i for i, layer in enumerate(layers) if layer.trainable and layer.weights]
+    assert trainable and min(trainable) >= len(layers) - 10
+    set_backbone_trainable(model, "all")
+    assert len(model.classifier.trainable_variables) > 100
+
+
+def test_head_shares_variables_with_classifier(model):
+    features = model.extractor(np.zeros((2, 32, 32, 3), "float32"))
+    np.testing.assert_allclose(model.head(features), model.classifier(np.zeros((2, 32, 32, 3), "float32")), rtol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_logits_stay_float32_under_mixed_precision(policy):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        m = build_model(32, 0.35, "none", 10, 0.2)
+        assert m.extractor(np.zeros((1, 32, 32, 3), "float32")).dtype.name == policy.split("_")[1]
+        assert m.classifier(np.zeros((1, 32, 32, 3), "float32")).dtype.name == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_serving_model_takes_raw_uint8_of_any_size(model):
+    served = serving_model(model, 32)
+    probabilities = np.asarray(served(np.random.randint(0, 255, (3, 20, 20, 3)).astype("uint8")))
+    assert probabilities.shape == (3, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist"):
+        build_model(32, 1.0, str(tmp_path / "nope.h5"), 10, 0.0)
