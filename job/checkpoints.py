@@ -8,6 +8,7 @@ writes into the workdir, the others into a temporary directory that is deleted.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -24,6 +25,14 @@ class WorkdirBusy(RuntimeError):
     """Another live process holds the workdir."""
 
 
+class WorkdirError(RuntimeError):
+    """The workdir cannot be created or written (read-only, under a file, no permission)."""
+
+
+class CheckpointNotSaved(RuntimeError):
+    """A checkpoint could not be written (e.g. disk full); the previous one is untouched."""
+
+
 class WorkdirLock:
     """An advisory flock on <workdir>/.lock holding the owner's pid; released on exit or crash."""
 
@@ -32,6 +41,8 @@ class WorkdirLock:
         self._file = None
 
     def __enter__(self):
+        if self._file is not None:  # already held (see claim_workdir)
+            return self
         self._file = open(self._path, "a+")
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -39,6 +50,7 @@ class WorkdirLock:
             self._file.seek(0)
             owner = self._file.read().strip() or "unknown"
             self._file.close()
+            self._file = None
             raise WorkdirBusy(f"workdir {os.path.dirname(self._path)!r} is in use by a live run (pid {owner}); "
                               "wait for it, stop it, or choose another workdir") from None
         self._file.seek(0)
@@ -48,8 +60,32 @@ class WorkdirLock:
         return self
 
     def __exit__(self, *exc):
-        fcntl.flock(self._file, fcntl.LOCK_UN)
-        self._file.close()
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
+def claim_workdir(workdir: str, chief: bool):
+    """Create the workdir and, on the chief, take its lock (held until the returned lock exits).
+
+    Called once settings, data and weights are known good, so bad input never leaves files behind.
+    """
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        lock = WorkdirLock(workdir) if chief else contextlib.nullcontext()
+        lock.__enter__()
+    except OSError as err:
+        raise WorkdirError(f"workdir={workdir!r}: cannot create or write it ({err.strerror}: {err.filename})") from None
+    return lock
+
+
+def _reason(err: Exception) -> str:
+    """'No space left on device' out of TF's '{{function_node ...}} path; No space left on device [Op:SaveV2]'."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return text.rsplit("; ", 1)[-1].split(" [Op:")[0].strip()
 
 
 class Checkpoints:
@@ -66,7 +102,16 @@ class Checkpoints:
         return self.manager.latest_checkpoint
 
     def save(self, step: int) -> str:
-        return self.manager.save(checkpoint_number=step)
+        try:
+            return self.manager.save(checkpoint_number=step)
+        except (tf.errors.OpError, OSError) as err:
+            # TF writes into <prefix>_temp and renames only when complete, and updates the index
+            # last: a failed save leaves the previous checkpoint the latest. Free the partial files.
+            shutil.rmtree(os.path.join(self.directory, f"ckpt-{step}_temp"), ignore_errors=True)
+            raise CheckpointNotSaved(
+                f"checkpoint of step {step} could not be written to {self.directory} ({_reason(err)}); "
+                f"the previous checkpoint {self.latest or '(none)'} is intact: fix that and rerun to resume from it"
+            ) from None
 
     def restore_latest(self) -> Optional[str]:
         """Restore the newest checkpoint that reads back; warn about and skip broken ones."""

@@ -12,14 +12,20 @@ exactly the examples it had already seen and sees the same batches as an uninter
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
-import tensorflow as tf
 import tensorflow_datasets as tfds
+from etils import epy
 
 from job.config import DataConfig
 
-AUTOTUNE = tf.data.AUTOTUNE
+with epy.lazy_imports():
+    # TensorFlow loads on first use: `dataset_info` reads TFDS metadata alone, so the CLI
+    # checks data settings in a second, before TensorFlow's slow start-up.
+    import tensorflow as tf
+
+AUTOTUNE = -1  # tf.data.AUTOTUNE, spelled out so that importing this module stays light
 
 
 class DataError(RuntimeError):
@@ -33,7 +39,10 @@ class DatasetInfo:
     split_sizes: dict
 
 
-def _builder(data: DataConfig):
+def _builder(data: DataConfig, prepare: bool = True):
+    """The TFDS builder, prepared (downloaded) if allowed; None if `prepare` is off and it needs preparing."""
+    if data.data_dir and os.path.exists(data.data_dir) and not os.path.isdir(data.data_dir):
+        raise DataError(f"data.data_dir={data.data_dir!r}: not a directory; a TFDS data_dir holds <name>/<version>/ folders")
     try:
         builder = tfds.builder(data.name, data_dir=data.data_dir)
     except tfds.core.registered.DatasetNotFoundError:
@@ -41,10 +50,15 @@ def _builder(data: DataConfig):
     if not builder.is_prepared():
         where = builder.data_dir
         if not data.download:
+            # A common slip: data_dir pointing at the dataset's own folder rather than its parent.
+            hint = (f" (data.data_dir ends in {data.name!r}: use its parent)"
+                    if data.data_dir and os.path.basename(os.path.normpath(data.data_dir)) == data.name else "")
             raise DataError(
-                f"data.name={data.name!r} is not prepared in {where} and data.download=false: "
+                f"data.name={data.name!r} is not prepared in {where}{hint} and data.download=false: "
                 "set data.data_dir (or TFDS_DATA_DIR) to a TFDS data_dir that holds it, or allow downloading"
             )
+        if not prepare:
+            return None
         try:
             builder.download_and_prepare()
         except Exception as err:  # noqa: BLE001 - any download failure gets the same advice
@@ -62,9 +76,15 @@ def _keys(builder) -> tuple[str, str]:
     return keys
 
 
-def dataset_info(data: DataConfig, splits: list[str]) -> DatasetInfo:
-    """Number of classes, image shape and the size of each requested split."""
-    builder = _builder(data)
+def dataset_info(data: DataConfig, splits: list[str], prepare: bool = True) -> Optional[DatasetInfo]:
+    """Number of classes, image shape and the size of each requested split.
+
+    prepare=False never downloads (nor loads TensorFlow for a prepared dataset): it returns
+    None when the dataset still has to be downloaded, so the check is left to the real run.
+    """
+    builder = _builder(data, prepare)
+    if builder is None:
+        return None
     image_key, label_key = _keys(builder)
     features = builder.info.features
     if not hasattr(features[label_key], "num_classes"):
@@ -122,7 +142,7 @@ def augment(images: tf.Tensor, mode: str, seed: tf.Tensor) -> tf.Tensor:
     return images
 
 
-def to_model_input(images: tf.Tensor, image_size: int, dtype=tf.float32) -> tf.Tensor:
+def to_model_input(images: tf.Tensor, image_size: int, dtype="float32") -> tf.Tensor:
     """uint8 batch -> MobileNetV2 input: bilinear upscale to image_size, scale to [-1, 1]."""
     images = tf.cast(images, tf.float32)
     if images.shape[1] != image_size or images.shape[2] != image_size:

@@ -10,9 +10,19 @@ Three Keras models share the same layers:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import warnings
 
-import keras
+import h5py
+from etils import epy
+
+with epy.lazy_imports():
+    # Keras (and TensorFlow behind it) loads on first use, so `check_weights_file` runs in
+    # the CLI before TensorFlow's slow start-up.
+    import keras
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
 
@@ -29,14 +39,43 @@ class TransferModel:
     classifier: keras.Model
 
 
+def _cached_imagenet_file(alpha: float) -> str:
+    fname = f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_224_no_top.h5"
+    keras_home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
+    return os.path.join(keras_home, "models", fname)
+
+
+def check_weights_file(weights: str, alpha: float) -> None:
+    """WeightsError if the weights file is missing or not readable HDF5 (e.g. truncated).
+
+    Needs no TensorFlow, so bad paths fail fast. Whether the file fits MobileNetV2 at this
+    alpha is only known when it is loaded. A missing ImageNet file is downloaded later.
+    """
+    if weights == "none":
+        return
+    path = _cached_imagenet_file(alpha) if weights == "imagenet" else weights
+    if weights != "imagenet" or os.path.isfile(path):
+        _check_file(path, weights)
+
+
+def _check_file(path: str, setting: str) -> None:
+    if not os.path.isfile(path):
+        raise WeightsError(f"model.weights={setting!r}: file {path!r} does not exist")
+    try:
+        with h5py.File(path, "r"):
+            pass
+    except OSError as err:
+        raise WeightsError(f"model.weights={setting!r}: {path!r} is not a readable HDF5 weights file "
+                           f"({str(err).splitlines()[0][:160]}); truncated, or not a weights file?") from None
+
+
 def imagenet_weights_file(alpha: float) -> str:
     """Path of Keras's ImageNet no-top weights for `alpha`, downloading into KERAS_HOME if missing.
 
     The 224 px file is used for every input size: convolution weights do not depend on it.
     """
-    fname = f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_224_no_top.h5"
-    keras_home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
-    cached = os.path.join(keras_home, "models", fname)
+    cached = _cached_imagenet_file(alpha)
+    fname, keras_home = os.path.basename(cached), os.path.dirname(os.path.dirname(cached))
     if os.path.isfile(cached):
         return cached
     try:
@@ -50,16 +89,21 @@ def imagenet_weights_file(alpha: float) -> str:
 
 
 def _load_backbone_weights(backbone: keras.Model, path: str, setting: str) -> None:
-    if not os.path.isfile(path):
-        raise WeightsError(f"model.weights={setting!r}: file {path!r} does not exist")
-    try:
-        backbone.load_weights(path)
-    except Exception as err:  # noqa: BLE001 - h5py, shape and layout errors all mean "wrong file"
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise WeightsError(
-            f"model.weights={setting!r}: cannot load {path!r} into MobileNetV2(alpha={backbone.alpha if hasattr(backbone, 'alpha') else '?'}) "
-            f"({type(err).__name__}: {first_line}); is it a MobileNetV2 no-top weights file for this alpha?"
-        ) from None
+    _check_file(path, setting)
+    # A file for another model makes Keras warn once per layer before it fails: one line instead.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            backbone.load_weights(path)
+        except Exception as err:  # noqa: BLE001 - h5py, shape and layout errors all mean "wrong file"
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            what = "it" if path == setting else repr(path)
+            raise WeightsError(
+                f"model.weights={setting!r}: cannot load {what} into MobileNetV2(alpha={getattr(backbone, 'alpha', '?')}) "
+                f"({type(err).__name__}: {first_line}); is it a MobileNetV2 no-top weights file for this alpha?"
+            ) from None
+    if caught:
+        log.warning("loading %s: %d warning(s), the first: %s", path, len(caught), caught[0].message)
 
 
 def build_model(image_size: int, alpha: float, weights: str, num_classes: int, dropout: float) -> TransferModel:

@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from job import COMMAND_START
 from job import data as data_lib
-from job.checkpoints import Checkpoints, WorkdirLock
+from job.checkpoints import Checkpoints, claim_workdir
 from job.config import Config, ConfigError, PhaseConfig, dump_config
 from job.distribute import is_chief, make_strategy, set_precision, worker_index
 from job.model import TransferModel, build_model, set_backbone_trainable
@@ -111,11 +111,13 @@ def _agree_on_finite(grads):
     that disagree would run different collectives and hang. Returns (grads, skipped).
     """
     finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
-    all_finite = tf.distribute.get_replica_context().all_reduce(
-        tf.distribute.ReduceOp.MIN, tf.cast(finite, tf.float32)
+    # ReduceOp has only SUM and MEAN: count the replicas with non-finite gradients.
+    non_finite = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32)
     )
-    poison = tf.where(all_finite > 0, 0.0, float("nan"))
-    return [g + tf.cast(poison, g.dtype) for g in grads], 1.0 - all_finite
+    skipped = tf.cast(non_finite > 0, tf.float32)
+    poison = tf.where(non_finite > 0, float("nan"), 0.0)
+    return [g + tf.cast(poison, g.dtype) for g in grads], skipped
 
 
 class StepFunctions:
@@ -156,6 +158,8 @@ class StepFunctions:
         skipped = tf.constant(0.0)
         if self.loss_scaled:
             grads, skipped = _agree_on_finite(grads)
+            # A skipped step's loss is often inf/NaN: keep it out of the logged mean.
+            loss = tf.where(skipped > 0, tf.zeros_like(loss), loss)
         self.optimizer.apply(grads, self.variables)
         return loss, correct, skipped
 
@@ -247,6 +251,8 @@ class Run:
                 # Built now so a restore fills its slots immediately rather than lazily.
                 optimizer.build(self._trainable(phase))
                 self.optimizers[phase.name] = optimizer
+        # Settings, data and weights are good: only now is the workdir created (and locked).
+        self.lock = claim_workdir(workdir, self.chief)
         checkpoint = tf.train.Checkpoint(model=self.model.classifier, step=self.step, **self.optimizers)
         self.checkpoints = Checkpoints(checkpoint, os.path.join(workdir, "checkpoints"), config.checkpoint.keep, self.chief)
         tb_dir = os.path.join(workdir, "tensorboard")
@@ -361,7 +367,11 @@ class Run:
             log.info("validation %s step %d: accuracy %.4f loss %.4f (%.0fs since start)",
                      phase.name, step, metrics["accuracy"], metrics["loss"], elapsed)
 
-    def _save(self) -> Optional[str]:
+    def _save(self, phase: Phase) -> Optional[str]:
+        # A finite loss can come with an update that overflowed: never checkpoint such weights.
+        if not all(np.isfinite(keras.ops.convert_to_numpy(w)).all() for w in self.model.classifier.trainable_weights):
+            raise NonFiniteLoss(f"non-finite weights in phase {phase.name} after step {int(self.step.numpy())}; "
+                                f"stopped without saving, last good checkpoint: {self.checkpoints.latest or 'none'}")
         path = self.checkpoints.save(int(self.step.numpy()))
         return path if self.chief else None
 
@@ -398,27 +408,33 @@ class Run:
                 bar.update(n)
                 window += totals
                 window_steps += n
-                if not math.isfinite(totals[0]):
+                # Under loss scaling a non-finite step is skipped (and counted below), not fatal.
+                if not math.isfinite(totals[0]) and not steps.loss_scaled:
                     raise NonFiniteLoss(
                         f"non-finite loss in phase {phase.name} at step {int(self.step.numpy())}; stopped without saving, "
                         f"last good checkpoint: {self.checkpoints.latest or 'none'}")
                 if phase_step // tel.log_every_steps > before // tel.log_every_steps or phase_step == phase.steps:
                     rate, step_ms = meter.read(self.global_batch)
                     lr = float(keras.ops.convert_to_numpy(steps.optimizer.learning_rate))
-                    scalars = {f"{phase.name}/loss": window[0] / window_steps,
+                    skipped = window[2] / self.replicas  # every replica counts each skipped step
+                    scalars = {f"{phase.name}/loss": window[0] / max(window_steps - skipped, 1),
                                f"{phase.name}/accuracy": window[1] / (window_steps * self.global_batch),
                                f"{phase.name}/learning_rate": lr, f"{phase.name}/images_per_sec": rate,
                                f"{phase.name}/step_time_ms": step_ms}
                     if steps.loss_scaled:
                         scalars[f"{phase.name}/loss_scale"] = float(steps.optimizer.dynamic_scale.numpy())
-                        scalars[f"{phase.name}/skipped_steps"] = window[2]
+                        scalars[f"{phase.name}/skipped_steps"] = skipped
+                        if skipped and self.chief:
+                            log.warning("phase %s: %d of steps %d..%d skipped by the loss scaler (non-finite gradients); "
+                                        "loss scale now %g", phase.name, skipped, int(self.step.numpy()) - window_steps + 1,
+                                        int(self.step.numpy()), scalars[f"{phase.name}/loss_scale"])
                     self.scalars.write("train", int(self.step.numpy()), scalars)
                     bar.set_postfix(loss=f"{scalars[f'{phase.name}/loss']:.3f}", img_s=f"{rate:.0f}", refresh=False)
                     window, window_steps = np.zeros(3), 0
                 epoch_end = phase_step % self.steps_per_epoch == 0 or phase_step == phase.steps
                 checkpoint_due = self.step.numpy() // cfg.checkpoint.every_steps > (self.step.numpy() - n) // cfg.checkpoint.every_steps
                 if epoch_end or checkpoint_due or stop.received:
-                    path = self._save()
+                    path = self._save(phase)
                     if stop.received:
                         raise Preempted(f"stopped by signal {stop.received} at step {int(self.step.numpy())}; "
                                         f"checkpoint {path or self.checkpoints.latest}; rerun the same command to resume")
@@ -460,10 +476,8 @@ class Run:
 def train_and_evaluate(config: Config, workdir: Optional[str] = None, reporter: Optional[Reporter] = None) -> dict:
     """Train both phases (resuming from the workdir's checkpoint if any); return the run summary."""
     workdir = workdir or config.workdir
-    os.makedirs(workdir, exist_ok=True)
-    run = Run(config, workdir, reporter)
-    lock = WorkdirLock(workdir) if run.chief else contextlib.nullcontext()
-    with lock, _StopSignals() as stop:
+    run = Run(config, workdir, reporter)  # checks everything before it writes to the workdir
+    with run.lock, _StopSignals() as stop:
         if run.chief:
             with open(os.path.join(workdir, "config.yaml"), "w") as f:
                 f.write(dump_config(config))
