@@ -1,17 +1,27 @@
 """Command line: python -m job {train,evaluate,export} CONFIG [key=value ...]
 
 Exit status 0 on success (also after a clean stop on SIGTERM/SIGINT, ready to resume),
-2 on bad input (config, data, weights, busy workdir) with one line on stderr, 1 when
-training itself fails (e.g. a non-finite loss).
+2 on bad input or environment (config, data, weights, busy or unwritable workdir, disk
+full) with one line on stderr, 1 when training itself fails (e.g. a non-finite loss).
+docs/failures.md lists every failure case and what the job does.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import os
+import signal
 import sys
+import tempfile
+
+log = logging.getLogger("job")
+
+# OSErrors that mean "fix the machine, then rerun", not a bug: one line, exit status 2.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,8 +43,48 @@ def _fail(message: str, status: int) -> int:
     return status
 
 
+def _data_splits(command: str, config) -> list[str]:
+    if command == "evaluate":
+        return [config.data.eval_split]
+    if command == "export":
+        return []
+    return [config.data.train_split] + ([config.data.val_split] if config.data.val_split else [])
+
+
+@contextlib.contextmanager
+def _native_stderr_to_debug_log():
+    """Keep TensorFlow's C++ start-up lines (oneDNN, CUDA probing) off stderr.
+
+    absl prints them before it is initialised, so no log level hides them; without this a
+    bad-input error would not be the one line it should be. They go to the debug log;
+    TF_CPP_MIN_LOG_LEVEL=0 shows them as they come.
+    """
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            for line in sink.read().decode(errors="replace").splitlines():
+                log.debug("tensorflow start-up: %s", line)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    # Outside train steps SIGTERM ends the command like Ctrl-C; inside them the train loop's
+    # own handler takes over and saves a checkpoint at the next step boundary first.
+    signal.signal(signal.SIGTERM, _interrupt)
     from job.config import ConfigError, load_config
 
     try:
@@ -43,14 +93,30 @@ def main(argv=None) -> int:
         return _fail(str(err), 2)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # TFDS logs every dataset it opens, tf.distribute every reduction it plans.
-    for noisy in ("absl", "tensorflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # TFDS logs every dataset it opens (and warns about every version folder it probes),
+    # tf.distribute every reduction it plans.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from job.data import DataError, dataset_info
+    from job.model import WeightsError, check_weights_file
+
+    # Data settings from TFDS metadata and the weights file from its HDF5 header, before
+    # TensorFlow loads: a wrong name, split, data_dir or path fails in a second. (On Ray the
+    # data and weights may exist only on the workers.)
+    if not (config.ray.enabled and args.command == "train"):
+        try:
+            dataset_info(config.data, _data_splits(args.command, config), prepare=False)
+            if args.command in ("train", "benchmark"):
+                check_weights_file(config.model.weights, config.model.alpha)
+        except (DataError, WeightsError) as err:
+            return _fail(str(err), 2)
+    with _native_stderr_to_debug_log():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # CUDA probing prints here
     # Heavy imports after validation: bad input is reported in a fraction of a second.
-    from job.checkpoints import WorkdirBusy
-    from job.data import DataError
-    from job.model import WeightsError
+    from job.checkpoints import CheckpointNotSaved, WorkdirBusy, WorkdirError
     from job.serve import NothingToLoad, evaluate, export
     from job.train import NonFiniteLoss, Preempted, train_and_evaluate
 
@@ -68,10 +134,15 @@ def main(argv=None) -> int:
             print(export(config, config.workdir))
         else:
             print(json.dumps(evaluate(config, config.workdir, config.data.eval_split)))
-    except (ConfigError, DataError, WeightsError, WorkdirBusy, NothingToLoad) as err:
+    except (ConfigError, DataError, WeightsError, WorkdirBusy, WorkdirError, CheckpointNotSaved, NothingToLoad) as err:
         return _fail(str(err), 2)
-    except PermissionError as err:
-        return _fail(f"workdir={config.workdir!r}: not writable ({err.strerror}: {err.filename})", 2)
+    except OSError as err:
+        if err.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        return _fail(f"cannot write {err.filename}: {err.strerror}", 2)
+    except KeyboardInterrupt:
+        # SIGINT outside a train step (start-up, validation, export): nothing new to save.
+        return _fail("interrupted outside a train step; checkpoints written so far are kept: rerun the same command to resume", 130)
     except Preempted as stop:
         print(str(stop), file=sys.stderr)
         return 0
