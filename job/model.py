@@ -38,6 +38,15 @@ class TransferModel:
     head: keras.Model
     classifier: keras.Model
 
+    def logits(self, images, training: bool):
+        """Logits with the backbone always in inference mode, the head's dropout per `training`.
+
+        Not `classifier(images, training=True)`: a Keras 3 functional model passes its
+        `training` argument down to every nested call, overriding the backbone's recorded
+        training=False, and BatchNorm would then use and update batch statistics.
+        """
+        return self.head(self.extractor(images, training=False), training=training)
+
 
 def _cached_imagenet_file(alpha: float) -> str:
     fname = f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_224_no_top.h5"
@@ -118,8 +127,9 @@ def build_model(image_size: int, alpha: float, weights: str, num_classes: int, d
         _load_backbone_weights(backbone, weights, weights)
 
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    # training=False is fixed in the graph: BatchNorm keeps its ImageNet statistics even
-    # while fine-tuning (small-batch statistics would wreck them).
+    # BatchNorm keeps its ImageNet statistics while fine-tuning (small-batch statistics would
+    # wreck them). training=False here is not enough: a Keras 3 functional call passes the
+    # outer `training` down to every layer; set_backbone_trainable keeps BN layers frozen.
     features = keras.layers.GlobalAveragePooling2D(name="pool")(backbone(inputs, training=False))
     extractor = keras.Model(inputs, features, name="extractor")
 
@@ -146,7 +156,9 @@ def set_backbone_trainable(model: TransferModel, unfreeze) -> None:
     # per-layer freeze.
     model.backbone.trainable = first < len(layers)
     for index, layer in enumerate(layers):
-        layer.trainable = index >= first
+        # A frozen BatchNormalization runs in inference mode. Trained, its moving statistics
+        # would follow each worker's own batches and MultiWorkerMirrored replicas would diverge.
+        layer.trainable = index >= first and not isinstance(layer, keras.layers.BatchNormalization)
 
 
 def serving_model(model: TransferModel, image_size: int) -> keras.Model:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Optional
 
 import keras
 import numpy as np
@@ -30,10 +31,10 @@ def export_dir(workdir: str) -> str:
     return os.path.join(workdir, "export")
 
 
-def restore_classifier(config: Config, workdir: str):
-    """A float32 TransferModel holding the weights of the workdir's latest checkpoint."""
+def restore_classifier(config: Config, workdir: str, checkpoint: Optional[str] = None):
+    """A float32 TransferModel holding the weights of `checkpoint` (default: the workdir's latest)."""
     directory = os.path.join(workdir, "checkpoints")
-    latest = tf.train.latest_checkpoint(directory)
+    latest = checkpoint or tf.train.latest_checkpoint(directory)
     if latest is None:
         raise NothingToLoad(f"workdir {workdir!r}: no checkpoint in {directory}")
     num_classes = data_lib.dataset_info(config.data, []).num_classes

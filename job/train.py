@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -44,8 +45,17 @@ class Preempted(Exception):
     """SIGTERM/SIGINT arrived; a checkpoint was saved at the step boundary."""
 
 
-# A hook called on every worker after each validation: (metrics, checkpoint_dir or None).
+# A hook called on every worker at each epoch end, after validation if any:
+# (metrics, checkpoint_dir on the chief or None). job.launch builds Ray's on it.
 Reporter = Callable[[dict, Optional[str]], None]
+
+
+def weights_digest(model: keras.Model) -> str:
+    """sha256 of a model's weights: the same on every worker exactly when replicas are in sync."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
+    return digest.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,15 +131,16 @@ def _agree_on_finite(grads):
 
 
 class StepFunctions:
-    """The distributed train and eval steps for one network (classifier or head alone)."""
+    """The distributed train and eval steps for `forward(inputs, training) -> logits`
+    (the whole model on images, or the head alone on cached features)."""
 
-    def __init__(self, strategy, net: keras.Model, optimizer, preprocess, global_batch: int,
+    def __init__(self, strategy, forward, variables: list, optimizer, preprocess, global_batch: int,
                  label_smoothing: float, step_counter: tf.Variable, jit_compile: bool):
-        self.strategy, self.net, self.optimizer = strategy, net, optimizer
+        self.strategy, self.forward, self.optimizer = strategy, forward, optimizer
         self.preprocess, self.global_batch = preprocess, global_batch
         self.label_smoothing, self.step_counter = label_smoothing, step_counter
         self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-        self.variables = net.trainable_variables
+        self.variables = variables
         # XLA compiles the forward and backward pass; the optimizer update, with its
         # cross-replica all-reduce, stays outside the cluster.
         self._gradients = tf.function(self._compute_gradients, jit_compile=jit_compile, reduce_retracing=True)
@@ -145,7 +156,7 @@ class StepFunctions:
     def _compute_gradients(self, inputs, labels):
         inputs = self.preprocess(inputs)
         with tf.GradientTape() as tape:
-            logits = self.net(inputs, training=True)
+            logits = self.forward(inputs, training=True)
             # Averaged over the global batch: summed across replicas it is the global mean.
             loss = tf.nn.compute_average_loss(self._per_example_loss(labels, logits), global_batch_size=self.global_batch)
             scaled = self.optimizer.scale_loss(loss) if self.loss_scaled else loss
@@ -174,7 +185,7 @@ class StepFunctions:
         return total  # [sum of mean losses, correct predictions, skipped steps]
 
     def _replica_eval(self, inputs, labels):
-        logits = self.net(self.preprocess(inputs), training=False)
+        logits = self.forward(self.preprocess(inputs), training=False)
         predicted = tf.argmax(logits, -1, output_type=tf.int32)
         return (
             tf.reduce_sum(self._per_example_loss(labels, logits)),
@@ -240,6 +251,8 @@ class Run:
         self.phases = plan_phases(config, self.steps_per_epoch)
         self.compute_dtype = keras.mixed_precision.global_policy().compute_dtype
 
+        # Same initial head (and, with weights=none, backbone) on every run and worker.
+        keras.utils.set_random_seed(config.train.seed)
         with self.strategy.scope():
             m = config.model
             self.model: TransferModel = build_model(m.image_size, m.alpha, m.weights, self.info.num_classes, m.dropout)
@@ -338,6 +351,19 @@ class Run:
         val = self._distribute(lambda b, ctx: tf.data.Dataset.from_tensor_slices(val_features).batch(b)) if val_features else None
         return train, val
 
+    def phase_datasets(self, phase: Phase, phase_step: int):
+        """(train, val) distributed datasets of `phase`: cached features or images."""
+        return self.feature_datasets(phase_step) if self.use_feature_cache(phase) else self.image_datasets(phase, phase_step)
+
+    def step_functions(self, phase: Phase) -> StepFunctions:
+        """The steps of `phase`: the head alone on cached features, else the whole classifier."""
+        cached = self.use_feature_cache(phase)
+        variables = self._trainable(phase)
+        forward = self.model.head if cached else self.model.logits
+        preprocess = (lambda x: x) if cached else self._device_preprocess()
+        return StepFunctions(self.strategy, forward, variables, self.optimizers[phase.name], preprocess, self.global_batch,
+                             self.config.train.label_smoothing, self.step, self.config.train.jit_compile)
+
     # --- bookkeeping ----------------------------------------------------------------
     def _load_summary(self) -> dict:
         try:
@@ -380,13 +406,8 @@ class Run:
         cfg, tel = self.config, self.config.telemetry
         phase_step = int(self.step.numpy()) - phase.first_step
         cached = self.use_feature_cache(phase)
-        variables = self._trainable(phase)
-        net = self.model.head if cached else self.model.classifier
-        assert [v.path for v in net.trainable_variables] == [v.path for v in variables]
-        preprocess = (lambda x: x) if cached else self._device_preprocess()
-        steps = StepFunctions(self.strategy, net, self.optimizers[phase.name], preprocess, self.global_batch,
-                              cfg.train.label_smoothing, self.step, cfg.train.jit_compile)
-        train_data, val_data = self.feature_datasets(phase_step) if cached else self.image_datasets(phase, phase_step)
+        steps = self.step_functions(phase)
+        train_data, val_data = self.phase_datasets(phase, phase_step)
         iterator = iter(train_data)
         profiler = ProfilerWindow(self.profile_dir if tel.profile_phase == phase.name else None, tel.profile_steps)
         meter, bar = Throughput(), progress(phase.name, phase.steps, phase_step, self.chief and tel.progress_bar)
@@ -438,13 +459,17 @@ class Run:
                     if stop.received:
                         raise Preempted(f"stopped by signal {stop.received} at step {int(self.step.numpy())}; "
                                         f"checkpoint {path or self.checkpoints.latest}; rerun the same command to resume")
+                metrics = None
                 if epoch_end and val_data is not None:
                     metrics = steps.evaluate(val_data)
                     self._record_validation(phase, metrics)
-                    if self.reporter:
-                        self.reporter({"phase": phase.name, "step": int(self.step.numpy()),
-                                       "val_accuracy": metrics["accuracy"], "val_loss": metrics["loss"]},
-                                      self.checkpoints.directory if self.chief else None)
+                if epoch_end and self.reporter:
+                    # Every epoch, validated or not, so a Ray run has checkpoints even without a val split.
+                    report = {"phase": phase.name, "step": int(self.step.numpy()),
+                              "weights_sha256": weights_digest(self.model.classifier)}
+                    if metrics:
+                        report.update(val_accuracy=metrics["accuracy"], val_loss=metrics["loss"])
+                    self.reporter(report, self.checkpoints.directory if self.chief else None)
         finally:
             profiler.stop()
             bar.close()

@@ -20,7 +20,8 @@ def test_freeze_and_unfreeze_top_layers(model):
     trainable = [i for i, layer in enumerate(layers) if layer.trainable and layer.weights]
     assert trainable and min(trainable) >= len(layers) - 10
     set_backbone_trainable(model, "all")
-    assert len(model.classifier.trainable_variables) > 100
+    # 52 conv kernels and the head's 2; BatchNorm stays frozen (inference mode).
+    assert len(model.classifier.trainable_variables) == 54
 
 
 def test_head_shares_variables_with_classifier(model):
@@ -49,3 +50,14 @@ def test_serving_model_takes_raw_uint8_of_any_size(model):
 def test_missing_weights_file_is_a_clear_error(tmp_path):
     with pytest.raises(WeightsError, match="does not exist"):
         build_model(32, 1.0, str(tmp_path / "nope.h5"), 10, 0.0)
+
+
+def test_training_step_keeps_batchnorm_in_inference_mode(model):
+    """Fine-tuning must neither use nor update batch statistics (Keras 3 functional models
+    would otherwise pass training=True down into the backbone)."""
+    set_backbone_trainable(model, "all")
+    images = np.random.uniform(-1, 1, (4, 32, 32, 3)).astype("float32")
+    moving = [v.numpy().copy() for v in model.backbone.non_trainable_variables]
+    np.testing.assert_allclose(model.logits(images, training=True), model.logits(images, training=False), rtol=1e-5, atol=1e-6)
+    for before, after in zip(moving, model.backbone.non_trainable_variables):
+        np.testing.assert_array_equal(before, after.numpy())

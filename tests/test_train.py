@@ -1,0 +1,108 @@
+"""The distributed train loop on mock data: phases, step counts, strategies, precisions."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from job.config import load_config
+from job.serve import restore_classifier
+from job.train import plan_phases, train_and_evaluate
+from tests.conftest import REPO, job_env
+
+FAST = [
+    "data.data_dir=/nonexistent/tfds",
+    "model.image_size=32",
+    "model.alpha=0.35",
+    "model.weights=none",
+    "model.dropout=0.0",
+    "train.batch_size=8",
+    "train.head.epochs=1",
+    "train.finetune.epochs=1",
+    "train.finetune.unfreeze=20",
+    "telemetry.progress_bar=false",
+    "telemetry.log_every_steps=1",
+    "telemetry.profile_steps=null",
+    "data.train_split=train",
+    "data.val_split=validation",
+]
+
+
+def _mock_cli(workdir, *overrides, examples=32):
+    """Train through the CLI in a fresh process (logical CPU devices need one) on mock data."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "config.in.yaml"
+    config.write_text("{}\n")
+    args = ["train", str(config), f"workdir={workdir}", *FAST, *overrides]
+    result = subprocess.run([sys.executable, "tests/mock_job.py", str(examples), *args], cwd=REPO, env=job_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((workdir / "summary.json").read_text())
+
+
+def _weights(workdir, checkpoint=None):
+    """Classifier weights restored from a workdir's latest (or a named) checkpoint, by name."""
+    config = load_config(None, [f"workdir={workdir}", *FAST])
+    with tfds.testing.mock_data(num_examples=8):
+        model, _ = restore_classifier(config, str(workdir), checkpoint)
+    return {v.path: v.numpy() for v in model.classifier.weights}
+
+
+def test_phases_split_steps_by_epochs():
+    config = load_config(None, ["train.head.epochs=1.5", "train.finetune.epochs=0"])
+    head, finetune = plan_phases(config, steps_per_epoch=10)
+    assert (head.first_step, head.steps, finetune.first_step, finetune.steps) == (0, 15, 15, 0)
+
+
+def test_two_phases_run_to_the_planned_step(tmp_path):
+    config = load_config(None, [f"workdir={tmp_path}", *FAST])
+    with tfds.testing.mock_data(num_examples=32):
+        summary = train_and_evaluate(config)
+    assert summary["status"] == "finished" and summary["step"] == summary["total_steps"] == 8
+    assert [row["phase"] for row in summary["validation_history"]] == ["head", "finetune"]
+    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-8")
+
+
+def test_head_phase_leaves_the_backbone_untouched(tmp_path):
+    config = load_config(None, [f"workdir={tmp_path}", *FAST, "train.finetune.epochs=0", "checkpoint.every_steps=1", "checkpoint.keep=10"])
+    with tfds.testing.mock_data(num_examples=32):
+        train_and_evaluate(config)
+    last, first = _weights(tmp_path), _weights(tmp_path, str(tmp_path / "checkpoints" / "ckpt-1"))
+    # ckpt-1 is after one head step; from then on only the head's kernel and bias move.
+    changed = [k for k, v in last.items() if not np.array_equal(v, first[k])]
+    assert len(last) > 100
+    assert sorted(last[k].shape for k in changed) == [(10,), (1280, 10)]
+
+
+def test_mirrored_on_two_cpu_devices_matches_one_device(tmp_path):
+    """Same global batch over 2 replicas or 1: the loss is averaged over the global batch,
+    so the trained weights agree (BatchNorm is in inference mode, dropout is off). SGD, because
+    Adam's normalisation turns float-rounding differences in near-zero gradients into full steps."""
+    common = ["data.augment=none", "train.cache_features=false", "train.finetune.epochs=0.5",
+              "train.head.optimizer=sgd", "train.finetune.optimizer=sgd", "train.finetune.learning_rate=0.01"]
+    one = _mock_cli(tmp_path / "one", *common, "train.strategy=default")
+    two = _mock_cli(tmp_path / "two", *common, "train.strategy=mirrored", "train.cpu_devices=2")
+    assert one["replicas"] == 1 and two["replicas"] == 2 and two["strategy"] == "MirroredStrategy"
+    assert one["step"] == two["step"] == 6
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert a.keys() == b.keys() and len(a) > 100
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-3, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_trains(tmp_path, precision):
+    summary = _mock_cli(tmp_path, f"train.precision={precision}", "train.steps_per_call=2")
+    assert summary["step"] == 8
+    events = "".join(str(p) for p in (tmp_path / "tensorboard" / "train").iterdir())
+    assert events
+    tags = set()
+    for path in (tmp_path / "tensorboard" / "train").iterdir():
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            tags.update(v.tag for v in event.summary.value)
+    assert "finetune/images_per_sec" in tags and "finetune/learning_rate" in tags
+    assert ("finetune/loss_scale" in tags) == (precision == "mixed_float16")
