@@ -41,9 +41,8 @@ class TransferModel:
     def logits(self, images, training: bool):
         """Logits with the backbone always in inference mode, the head's dropout per `training`.
 
-        Not `classifier(images, training=True)`: a Keras 3 functional model passes its
-        `training` argument down to every nested call, overriding the backbone's recorded
-        training=False, and BatchNorm would then use and update batch statistics.
+        The backbone is called on its own with training=False rather than trusting the flag
+        recorded inside nested functional graphs to survive an outer training=True.
         """
         return self.head(self.extractor(images, training=False), training=training)
 
@@ -166,5 +165,7 @@ def serving_model(model: TransferModel, image_size: int) -> keras.Model:
     raw = keras.Input((None, None, 3), dtype="uint8", name="raw_image")
     x = keras.layers.Resizing(image_size, image_size, interpolation="bilinear", name="resize")(raw)
     x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="scale")(x)
-    probabilities = keras.layers.Softmax(dtype="float32", name="probabilities")(model.classifier(x))
+    # training=False recorded in the graph: otherwise a caller's default training=None lets the
+    # nested head resolve dropout as active (seen with Keras 3.15: two calls, two answers).
+    probabilities = keras.layers.Softmax(dtype="float32", name="probabilities")(model.classifier(x, training=False))
     return keras.Model(raw, probabilities, name="serving")

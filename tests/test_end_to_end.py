@@ -1,0 +1,160 @@
+"""End to end on a small slice of the real CIFAR-10 with the real ImageNet weights.
+
+One run (module fixture) is checked from every side: checkpoints, TensorBoard events, the
+profiler trace, the exported model, `evaluate`, and a real `tensorboard` process serving
+its scalars and profile over HTTP on loopback. Then kill-and-resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import DATASETS, KERAS_HOME, REPO, TINY_REAL, WEIGHTS, job_env, run_job
+
+pytestmark = pytest.mark.real_data
+REAL = {"TFDS_DATA_DIR": str(DATASETS), "KERAS_HOME": str(KERAS_HOME)}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    if not WEIGHTS.is_file() or not (DATASETS / "cifar10").is_dir():
+        pytest.skip("offline CIFAR-10 and weights not found next to this checkout")
+    workdir = tmp_path_factory.mktemp("e2e")
+    result = run_job("train", "configs/tiny.yaml", f"workdir={workdir}", *TINY_REAL, env=REAL, check=True)
+    return workdir, result
+
+
+def test_run_finishes_with_checkpoint_summary_and_config(finished_run):
+    workdir, result = finished_run
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["step"] == summary["total_steps"] == 16
+    assert [r["phase"] for r in summary["validation_history"]] == ["head", "finetune"]
+    assert 0.0 <= summary["final_val_accuracy"] <= 1.0
+    assert (workdir / "checkpoints" / "ckpt-16.index").is_file()
+    assert "model:" in (workdir / "config.yaml").read_text()
+    assert json.loads(result.stdout.strip().splitlines()[-1])["status"] == "finished"
+
+
+def test_tensorboard_events_and_profile_trace_are_written(finished_run):
+    workdir, _ = finished_run
+    assert list((workdir / "tensorboard" / "train").glob("events.out.tfevents.*"))
+    assert list((workdir / "tensorboard" / "validation").glob("events.out.tfevents.*"))
+    traces = list((workdir / "tensorboard" / "train" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert traces and traces[0].stat().st_size > 10_000
+
+
+def test_exported_model_serves_raw_uint8_images(finished_run):
+    workdir, _ = finished_run
+    import keras
+    import tensorflow as tf
+
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    model = keras.models.load_model(workdir / "export" / "model.keras")
+    probabilities = np.asarray(model(images))
+    assert probabilities.shape == (5, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    saved = tf.saved_model.load(str(workdir / "export" / "saved_model"))
+    np.testing.assert_allclose(saved.serve(tf.constant(images)).numpy(), probabilities, rtol=1e-4, atol=1e-5)
+
+
+def test_evaluate_command_reads_the_checkpoint(finished_run):
+    workdir, _ = finished_run
+    result = run_job("evaluate", "configs/tiny.yaml", f"workdir={workdir}", *TINY_REAL,
+                     "data.eval_split=train[49872:]", env=REAL, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert report["examples"] == 128
+    # The same weights on the same images: the accuracy the run reported at its end.
+    assert report["accuracy"] == pytest.approx(summary["final_val_accuracy"], abs=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get_json(url: str, deadline: float):
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return json.loads(response.read())
+        except OSError as err:  # not listening yet
+            last = err
+            time.sleep(0.2)  # polling interval while tensorboard starts, not synchronisation
+    raise TimeoutError(f"{url}: {last}")
+
+
+def test_tensorboard_serves_scalars_and_profile_over_http(finished_run):
+    workdir, _ = finished_run
+    port = _free_port()
+    board = subprocess.Popen(
+        [str(Path(sys.executable).with_name("tensorboard")), "--logdir", str(workdir / "tensorboard"),
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=job_env(),
+    )
+    base = f"http://127.0.0.1:{port}/data"
+    try:
+        deadline = time.monotonic() + 120
+        tags = _get_json(f"{base}/plugin/scalars/tags", deadline)
+        while "finetune/loss" not in tags.get("train", {}) and time.monotonic() < deadline:
+            tags = _get_json(f"{base}/plugin/scalars/tags", deadline)  # first scan of the logdir
+        for tag in ("loss", "accuracy", "learning_rate", "images_per_sec", "step_time_ms"):
+            assert f"finetune/{tag}" in tags["train"] and f"head/{tag}" in tags["train"]
+        assert {"head/accuracy", "finetune/accuracy"} <= set(tags["validation"])
+        points = _get_json(f"{base}/plugin/scalars/scalars?run=train&tag=finetune/loss", deadline)
+        assert points and all(np.isfinite(p[2]) for p in points)
+
+        runs = _get_json(f"{base}/plugin/profile/runs", deadline)
+        profile_runs = [r for r in runs if r.startswith("train/")]
+        assert profile_runs, runs
+        tools = _get_json(f"{base}/plugin/profile/run_tools?run={profile_runs[0]}", deadline)
+        assert any(t.startswith("trace_viewer") for t in tools) and "overview_page" in tools
+    finally:
+        board.terminate()
+        board.wait(timeout=30)
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.1)  # polling interval, not synchronisation
+
+
+def test_killed_run_resumes_from_its_checkpoint(tmp_path):
+    if not WEIGHTS.is_file():
+        pytest.skip("offline weights not found")
+    args = [sys.executable, "-m", "job", "train", "configs/tiny.yaml", f"workdir={tmp_path}", *TINY_REAL,
+            "checkpoint.every_steps=2", "telemetry.profile_steps=null"]
+    victim = subprocess.Popen(args, cwd=REPO, env=job_env(REAL), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # Kill it once it is inside the fine-tune phase (global step > 8 of 16).
+        _wait_for(lambda: any(int(p.stem.split("-")[1]) >= 10 for p in (tmp_path / "checkpoints").glob("ckpt-*.index"))
+                  or victim.poll() is not None, 600, "no checkpoint past step 10")
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    steps_at_kill = max(int(p.stem.split("-")[1]) for p in (tmp_path / "checkpoints").glob("ckpt-*.index"))
+    assert 10 <= steps_at_kill < 16, "the run finished before it could be killed"
+
+    resumed = subprocess.run(args, cwd=REPO, env=job_env(REAL), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {tmp_path}/checkpoints/ckpt-{steps_at_kill} at step {steps_at_kill}" in resumed.stderr
+    assert "phase finetune: steps %d..8" % (steps_at_kill - 8) in resumed.stderr
+    assert "phase head" not in resumed.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["step"] == 16 and summary["status"] == "finished"
