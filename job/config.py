@@ -119,6 +119,8 @@ class TelemetryConfig(_Section):
     progress_bar: bool = True
     # Validation accuracies whose first crossing is recorded as time-to-accuracy.
     accuracy_thresholds: list[float] = [0.5, 0.8, 0.85, 0.9, 0.95]
+    # Validate (and checkpoint) this often within a phase, and always at its end.
+    eval_every_epochs: float = Field(1.0, gt=0)
 
     @field_validator("profile_steps")
     @classmethod
@@ -129,15 +131,39 @@ class TelemetryConfig(_Section):
 
 
 class RayConfig(_Section):
+    """Ray Train settings, used when `enabled`; docs/ray.md explains the layouts."""
+
     enabled: bool = False
-    address: Optional[str] = None  # None: RAY_ADDRESS if set, else an embedded local Ray
+    address: Optional[str] = None  # None: RAY_ADDRESS if set (as under `ray job submit`), else an embedded local Ray
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
+    # Each worker mirrors over its own GPUs and all-reduces across workers, so 8 GPUs can be
+    # 8 workers x 1, 2 x 4 or 1 x 8 (one worker is plain MirroredStrategy).
     gpus_per_worker: int = Field(1, ge=0)
     cpus_per_worker: float = Field(1, gt=0)
+    # Custom resources each worker also needs, e.g. {"trainer": 1} to keep workers on one node type.
+    resources_per_worker: dict[str, float] = {}
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Worker-group restarts (from the last reported checkpoint) before the run fails; -1: no limit.
     max_failures: int = Field(2, ge=-1)
+    # Reported checkpoints Ray keeps under storage_path (the newest ones).
+    keep_checkpoints: int = Field(2, ge=1)
     storage_path: Optional[str] = None  # None: <workdir>/ray
     name: str = "mobilenet-transfer"
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_resources(cls, value: dict) -> dict:
+        clash = {"CPU", "GPU"} & set(value)
+        if clash:
+            raise ValueError(f"{sorted(clash)} are set by cpus_per_worker / gpus_per_worker")
+        return value
+
+    @model_validator(mode="after")
+    def _gpus(self):
+        if self.use_gpu and self.gpus_per_worker < 1:
+            raise ValueError("use_gpu=true needs gpus_per_worker >= 1")
+        return self
 
 
 class Config(_Section):

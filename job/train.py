@@ -411,15 +411,16 @@ class Run:
         iterator = iter(train_data)
         profiler = ProfilerWindow(self.profile_dir if tel.profile_phase == phase.name else None, tel.profile_steps)
         meter, bar = Throughput(), progress(phase.name, phase.steps, phase_step, self.chief and tel.progress_bar)
-        log.info("phase %s: steps %d..%d of %d, global batch %d, %d replicas, %s%s", phase.name, phase_step,
+        log.info("phase %s: steps %d..%d (%d per epoch), global batch %d, %d replicas, %s%s", phase.name, phase_step,
                  phase.steps, self.steps_per_epoch, self.global_batch, self.replicas,
                  "cached features" if cached else f"images at {cfg.model.image_size}px", "" if phase_step == 0 else " (resumed)")
+        eval_every = max(1, int(round(tel.eval_every_epochs * self.steps_per_epoch)))
         window = np.zeros(3)
         window_steps = 0
         try:
             while phase_step < phase.steps:
-                to_epoch_end = self.steps_per_epoch - phase_step % self.steps_per_epoch
-                n = min(cfg.train.steps_per_call, to_epoch_end, phase.steps - phase_step)
+                to_eval = eval_every - phase_step % eval_every
+                n = min(cfg.train.steps_per_call, to_eval, phase.steps - phase_step)
                 profiler.before(phase_step)
                 with profiler.trace(int(self.step.numpy())) if profiler.active else contextlib.nullcontext():
                     totals = steps.train_chunk(iterator, tf.constant(n)).numpy()
@@ -452,18 +453,18 @@ class Run:
                     self.scalars.write("train", int(self.step.numpy()), scalars)
                     bar.set_postfix(loss=f"{scalars[f'{phase.name}/loss']:.3f}", img_s=f"{rate:.0f}", refresh=False)
                     window, window_steps = np.zeros(3), 0
-                epoch_end = phase_step % self.steps_per_epoch == 0 or phase_step == phase.steps
+                eval_due = phase_step % eval_every == 0 or phase_step == phase.steps
                 checkpoint_due = self.step.numpy() // cfg.checkpoint.every_steps > (self.step.numpy() - n) // cfg.checkpoint.every_steps
-                if epoch_end or checkpoint_due or stop.received:
+                if eval_due or checkpoint_due or stop.received:
                     path = self._save(phase)
                     if stop.received:
                         raise Preempted(f"stopped by signal {stop.received} at step {int(self.step.numpy())}; "
                                         f"checkpoint {path or self.checkpoints.latest}; rerun the same command to resume")
                 metrics = None
-                if epoch_end and val_data is not None:
+                if eval_due and val_data is not None:
                     metrics = steps.evaluate(val_data)
                     self._record_validation(phase, metrics)
-                if epoch_end and self.reporter:
+                if eval_due and self.reporter:
                     # Every epoch, validated or not, so a Ray run has checkpoints even without a val split.
                     report = {"phase": phase.name, "step": int(self.step.numpy()),
                               "weights_sha256": weights_digest(self.model.classifier)}

@@ -154,7 +154,7 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     resumed = subprocess.run(args, cwd=REPO, env=job_env(REAL), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {tmp_path}/checkpoints/ckpt-{steps_at_kill} at step {steps_at_kill}" in resumed.stderr
-    assert "phase finetune: steps %d..8" % (steps_at_kill - 8) in resumed.stderr
+    assert "phase finetune: steps %d..8 " % (steps_at_kill - 8) in resumed.stderr
     assert "phase head" not in resumed.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["step"] == 16 and summary["status"] == "finished"
