@@ -1,4 +1,4 @@
-"""Command line: python -m job {train,evaluate,export} CONFIG [key=value ...]
+"""Command line: python -m job {train,evaluate,export,benchmark} CONFIG [key=value ...]
 
 Exit status 0 on success (also after a clean stop on SIGTERM/SIGINT, ready to resume),
 2 on bad input or environment (config, data, weights, busy or unwritable workdir, disk
@@ -31,10 +31,17 @@ def _parser() -> argparse.ArgumentParser:
         ("train", "train both phases (resumes from the workdir's checkpoint), then export"),
         ("evaluate", "accuracy of a workdir's latest checkpoint or exported model on data.eval_split"),
         ("export", "write the workdir's latest checkpoint as a model that takes raw uint8 images"),
+        ("benchmark", "time the input pipeline, the train step and both together; writes <workdir>/benchmark.json"),
     ]:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("config", help="YAML config file, e.g. configs/cifar10_quick.yaml")
         p.add_argument("overrides", nargs="*", help="dotted settings, e.g. train.batch_size=128 workdir=runs/x")
+        if name == "benchmark":
+            p.add_argument("--phase", choices=["head", "finetune", "all"], default="all")
+            p.add_argument("--steps", type=int, default=20, help="train steps per timed repeat (default 20)")
+            p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported (default 3)")
+            p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
+            p.add_argument("--profile", action="store_true", help="also trace end-to-end steps with the TF profiler")
     return parser
 
 
@@ -76,6 +83,16 @@ def _native_stderr_to_debug_log():
                 log.debug("tensorflow start-up: %s", line)
 
 
+def _workdir_problem(workdir: str):
+    """Checked without writing: the workdir, or the nearest folder above it that exists, must be a writable directory."""
+    path = os.path.abspath(workdir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if os.path.isdir(path) and os.access(path, os.W_OK):  # access() also sees a read-only mount
+        return None
+    return f"workdir={workdir!r}: cannot create or write it ({path} is not a writable directory)"
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -101,9 +118,9 @@ def main(argv=None) -> int:
     from job.data import DataError, dataset_info
     from job.model import WeightsError, check_weights_file
 
-    # Data settings from TFDS metadata and the weights file from its HDF5 header, before
-    # TensorFlow loads: a wrong name, split, data_dir or path fails in a second. (On Ray the
-    # data and weights may exist only on the workers.)
+    # Data settings from TFDS metadata, the weights file from its HDF5 header and the workdir
+    # from its permissions, before TensorFlow loads: a wrong name, split, data_dir or path
+    # fails in a second. (On Ray the data and weights may exist only on the workers.)
     if not (config.ray.enabled and args.command == "train"):
         try:
             dataset_info(config.data, _data_splits(args.command, config), prepare=False)
@@ -111,12 +128,14 @@ def main(argv=None) -> int:
                 check_weights_file(config.model.weights, config.model.alpha)
         except (DataError, WeightsError) as err:
             return _fail(str(err), 2)
+        if args.command == "train" and (problem := _workdir_problem(config.workdir)):
+            return _fail(problem, 2)
     with _native_stderr_to_debug_log():
         import tensorflow as tf
 
         tf.config.list_physical_devices()  # CUDA probing prints here
     # Heavy imports after validation: bad input is reported in a fraction of a second.
-    from job.checkpoints import CheckpointNotSaved, WorkdirBusy, WorkdirError
+    from job.checkpoints import CheckpointNotSaved, NoReadableCheckpoint, WorkdirBusy, WorkdirError
     from job.serve import NothingToLoad, evaluate, export
     from job.train import NonFiniteLoss, Preempted, train_and_evaluate
 
@@ -130,11 +149,19 @@ def main(argv=None) -> int:
                 summary = train_and_evaluate(config)
                 export(config, config.workdir)
             print(json.dumps({k: summary[k] for k in ("status", "step", "wall_seconds", "final_val_accuracy")}))
+        elif args.command == "benchmark":
+            from job.benchmark import Budget, benchmark, format_table
+
+            phases = ["head", "finetune"] if args.phase == "all" else [args.phase]
+            report = benchmark(config, phases, Budget(args.steps, args.repeats, args.warmup), args.profile)
+            print(format_table(report))
+            print(f"wrote {os.path.join(config.workdir, 'benchmark.json')}")
         elif args.command == "export":
             print(export(config, config.workdir))
         else:
             print(json.dumps(evaluate(config, config.workdir, config.data.eval_split)))
-    except (ConfigError, DataError, WeightsError, WorkdirBusy, WorkdirError, CheckpointNotSaved, NothingToLoad) as err:
+    except (ConfigError, DataError, WeightsError, WorkdirBusy, WorkdirError, CheckpointNotSaved, NoReadableCheckpoint,
+            NothingToLoad) as err:
         return _fail(str(err), 2)
     except OSError as err:
         if err.errno not in _ENVIRONMENT_ERRNOS:

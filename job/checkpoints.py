@@ -33,6 +33,10 @@ class CheckpointNotSaved(RuntimeError):
     """A checkpoint could not be written (e.g. disk full); the previous one is untouched."""
 
 
+class NoReadableCheckpoint(RuntimeError):
+    """Checkpoints exist but none reads back: refuse to start over on top of them."""
+
+
 class WorkdirLock:
     """An advisory flock on <workdir>/.lock holding the owner's pid; released on exit or crash."""
 
@@ -96,6 +100,9 @@ class Checkpoints:
         self.directory = directory if chief else self._scratch
         self._checkpoint = checkpoint
         self.manager = tf.train.CheckpointManager(checkpoint, self.directory, max_to_keep=keep)
+        # Every worker resumes from the chief's checkpoints: replicas must start from the same
+        # weights. A manager only reads its directory until it saves, and this one never saves.
+        self._reader = self.manager if chief else tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
 
     @property
     def latest(self) -> Optional[str]:
@@ -115,13 +122,18 @@ class Checkpoints:
 
     def restore_latest(self) -> Optional[str]:
         """Restore the newest checkpoint that reads back; warn about and skip broken ones."""
-        for path in reversed(self.manager.checkpoints):
+        for path in reversed(self._reader.checkpoints):
             try:
                 self._checkpoint.restore(path).assert_existing_objects_matched()
                 return path
-            except (tf.errors.OpError, AssertionError, ValueError) as err:
-                log.warning("checkpoint %s is unreadable (%s); falling back to the previous one",
-                            path, str(err).splitlines()[0][:160])
+            except Exception as err:  # noqa: BLE001 - a damaged file fails as OpError, IndexError, ValueError...
+                log.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous one",
+                            path, type(err).__name__, (str(err).splitlines() or [""])[0][:160])
+        if self._reader.checkpoints:
+            # Starting from scratch would soon rotate these away: the user decides, not the job.
+            raise NoReadableCheckpoint(
+                f"none of the {len(self._reader.checkpoints)} checkpoints in {self._reader.directory} reads back "
+                "(see the warnings above); move them away to start over")
         return None
 
     def close(self) -> None:

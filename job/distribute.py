@@ -33,28 +33,30 @@ def split_cpu(devices: int) -> None:
 
 def make_strategy(train: TrainConfig) -> tf.distribute.Strategy:
     split_cpu(train.cpu_devices)
-    gpus = tf.config.list_logical_devices("GPU")
-    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
     name = train.strategy
-    if name == "auto":
-        if _tf_config_workers() > 1:
-            name = "multi_worker_mirrored"
-        elif len(gpus) > 1 or (not gpus and len(cpus) > 1):
-            name = "mirrored"
-        elif gpus:
-            name = "one_device"
-        else:
-            name = "default"
+    if name == "auto" and _tf_config_workers() > 1:
+        name = "multi_worker_mirrored"
     if name == "multi_worker_mirrored":
+        # Physical devices only: listing logical ones starts TF's runtime, after which
+        # MultiWorkerMirroredStrategy can no longer configure its collectives.
         # NCCL is the fast path between GPUs; ring all-reduce over gRPC otherwise.
         implementation = (
             tf.distribute.experimental.CommunicationImplementation.NCCL
-            if gpus
+            if tf.config.list_physical_devices("GPU")
             else tf.distribute.experimental.CommunicationImplementation.RING
         )
         return tf.distribute.MultiWorkerMirroredStrategy(
             communication_options=tf.distribute.experimental.CommunicationOptions(implementation=implementation)
         )
+    gpus = tf.config.list_logical_devices("GPU")
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    if name == "auto":
+        if len(gpus) > 1 or (not gpus and len(cpus) > 1):
+            name = "mirrored"
+        elif gpus:
+            name = "one_device"
+        else:
+            name = "default"
     if name == "mirrored":
         # GPU-only branch: NCCL all-reduce by default; on CPUs a plain reduction.
         devices = [d.name for d in gpus] if gpus else cpus

@@ -430,8 +430,9 @@ class Run:
                 bar.update(n)
                 window += totals
                 window_steps += n
-                # Under loss scaling a non-finite step is skipped (and counted below), not fatal.
-                if not math.isfinite(totals[0]) and not steps.loss_scaled:
+                # Steps the loss scaler skipped count their loss as 0 (and are counted below): a
+                # non-finite sum means a step whose update was applied diverged.
+                if not math.isfinite(totals[0]):
                     raise NonFiniteLoss(
                         f"non-finite loss in phase {phase.name} at step {int(self.step.numpy())}; stopped without saving, "
                         f"last good checkpoint: {self.checkpoints.latest or 'none'}")
