@@ -1,0 +1,363 @@
+"""The job on Ray, for real, on 127.0.0.1: an embedded 2-worker run whose replicas agree, a
+`ray job submit` to a two-node cluster started with `ray start`, a SIGKILLed worker that Ray
+replaces and that resumes from the last checkpoint, and the cluster/ configs checked by
+Ray's own validator.
+
+The cluster is stopped by ending the `ray start --block` processes this module started (and
+whatever they left), never with `ray stop`, which ends every Ray on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from tests.conftest import DATASETS, KERAS_HOME, REPO, WEIGHTS, job_env, run_job
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+# A few steps: 128 images = 4 steps an epoch at batch 32, each phase one epoch, 32 px,
+# random weights (the point is distribution, not accuracy).
+TINY_RAY = [
+    "data.train_split=train[:128]",
+    "data.val_split=train[49936:]",
+    "model.image_size=32",
+    "model.weights=none",
+    "train.batch_size=32",
+    "train.head.epochs=1",
+    "train.finetune.epochs=1",
+    "checkpoint.every_steps=1000",
+    "telemetry.progress_bar=false",
+    "telemetry.profile_steps=null",
+    "ray.num_workers=2",
+    "ray.cpus_per_worker=1",
+]
+DIGEST = re.compile(r"rank (\d+) step (\d+): weights sha256 (\w+)")
+
+
+def _data_env() -> dict:
+    if not (DATASETS / "cifar10").is_dir() or not WEIGHTS.is_file():
+        pytest.skip(f"offline CIFAR-10 and weights not found under {DATASETS.parent}")
+    return {"TFDS_DATA_DIR": str(DATASETS), "KERAS_HOME": str(KERAS_HOME)}
+
+
+def _wait_for(condition, timeout: float, what: str, interval: float = 0.5, alive=None):
+    """Poll `condition()` until it returns something truthy; fail after `timeout` s or if `alive()` turns False."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if alive is not None and not alive():
+            raise AssertionError(f"the process ended while waiting for {what}")
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _digests(output: str) -> dict:
+    """{step: {rank: sha256 prefix}} from the workers' log lines."""
+    found: dict = {}
+    for rank, step, digest in DIGEST.findall(output):
+        found.setdefault(int(step), {})[int(rank)] = digest
+    return found
+
+
+class LocalCluster:
+    """A head and a second node, each a `ray start --block` with 1 CPU, on loopback.
+
+    The nodes are 127.0.0.2 and 127.0.0.3: Ray swaps 127.0.0.1 for the host's routable IP
+    (services.resolve_ip_for_localhost), other loopback addresses it keeps, and two node IPs
+    make them two nodes to Ray Train as well (node_rank).
+    """
+
+    def __init__(self, env: dict):
+        self.tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+        self.head_ip = "127.0.0.2"
+        (self.gcs, self.dashboard, client, *self._ports) = _free_ports(11)
+        # Our own token: independent of ~/.ray/auth_token, which other Ray users on the box share.
+        self.env = job_env({**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+                            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+        self.env.pop("RAY_ADDRESS", None)
+        self.address = f"http://127.0.0.1:{self.dashboard}"
+        self.processes: list[subprocess.Popen] = []
+        head = ["--head", f"--port={self.gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}",
+                f"--ray-client-server-port={client}"]
+        self._start("head", "127.0.0.2", head + self._agent_ports(0))
+        _wait_for(self._job_server_up, 120, "the head's job server")
+        self._start("node2", "127.0.0.3", [f"--address={self.head_ip}:{self.gcs}"] + self._agent_ports(4))
+        _wait_for(lambda: self._alive_nodes() == 2, 120, "2 alive nodes")
+
+    def _agent_ports(self, first: int) -> list[str]:
+        # Every node on this host needs its own agent ports, or the second collides with the first.
+        p = self._ports[first:first + 4]
+        return [f"--dashboard-agent-listen-port={p[0]}", f"--dashboard-agent-grpc-port={p[1]}",
+                f"--runtime-env-agent-port={p[2]}", f"--metrics-export-port={p[3]}"]
+
+    def _start(self, name: str, ip: str, args: list[str]) -> None:
+        # Each node its own temp dir: sharing one, each node's log monitor would forward both nodes' logs.
+        temp_dir = os.path.join(self.tmp, name)
+        with open(os.path.join(self.tmp, f"{name}.log"), "w") as log:
+            self.processes.append(subprocess.Popen(
+                [RAY, "start", "--block", f"--node-ip-address={ip}", "--num-cpus=1", f"--temp-dir={temp_dir}",
+                 "--disable-usage-stats", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT))
+
+    def _ray(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([RAY, *args], env=self.env, capture_output=True, text=True, timeout=60)
+
+    def _job_server_up(self) -> bool:
+        return self._ray("job", "list", "--address", self.address).returncode == 0
+
+    def _alive_nodes(self) -> int:
+        listed = self._ray("list", "nodes", "--address", self.address, "--format", "json")
+        if listed.returncode:
+            return 0
+        return sum(node.get("state") == "ALIVE" for node in json.loads(listed.stdout or "[]"))
+
+    def log(self, name: str) -> str:
+        return Path(self.tmp, f"{name}.log").read_text()
+
+    def stop(self) -> None:
+        """SIGTERM to our `ray start --block` processes (they stop their Ray); then kill what is left."""
+        descendants = []
+        for process in self.processes:
+            try:
+                descendants += psutil.Process(process.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
+            process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        _, left = psutil.wait_procs(descendants, timeout=30)
+        for process in left:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    local = LocalCluster(_data_env())
+    try:
+        yield local
+    finally:
+        local.stop()
+
+
+def _snapshot_has_checkpoint(run_dir: Path):
+    """Ray's record of a registered (fully persisted) checkpoint, or None."""
+    try:
+        state = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return state.get("latest_checkpoint_result")
+
+
+@pytest.mark.ray
+@pytest.mark.real_data
+def test_two_local_workers_agree_and_report(tmp_path, real_env):
+    """Embedded local Ray, 2 workers: same weights on both after every epoch, metrics and a
+    checkpoint reported each epoch, only the chief writes the workdir, every worker profiled."""
+    workdir = tmp_path / "run"
+    result = run_job("train", "configs/tiny.yaml", *TINY_RAY, "ray.enabled=true", f"workdir={workdir}",
+                     "telemetry.profile_steps=[1,3]", "telemetry.profile_phase=head",
+                     "telemetry.profile_all_workers=true", env={"RAY_ADDRESS": ""}, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["step"] == 8
+
+    digests = _digests(output)
+    assert sorted(digests) == [4, 8], digests  # one report per epoch: head, finetune
+    for step, by_rank in digests.items():
+        assert sorted(by_rank) == [0, 1] and by_rank[0] == by_rank[1], (step, by_rank)
+    assert digests[4][0] != digests[8][0]  # and they did train
+
+    summary = json.loads((workdir / "summary.json").read_text())
+    report = summary["ray"]["last_report"]
+    assert report["step"] == 8 and report["phase"] == "finetune" and 0 <= report["val_accuracy"] <= 1
+    assert report["weights_sha256"].startswith(digests[8][0])
+    run_dir = workdir / "ray" / "mobilenet-transfer"
+    assert summary["ray"]["checkpoint"] == str(run_dir / "checkpoint_step0000008")
+    assert sorted(p.name for p in run_dir.glob("checkpoint_step*")) == ["checkpoint_step0000004", "checkpoint_step0000008"]
+    assert (run_dir / "checkpoint_step0000008" / "ckpt-8.index").is_file()
+    assert _snapshot_has_checkpoint(run_dir)
+
+    assert sorted(p.name for p in (workdir / "checkpoints").glob("*.index")) == ["ckpt-4.index", "ckpt-8.index"]
+    assert (workdir / "export" / "model.keras").is_file()
+    tensorboard = workdir / "tensorboard"
+    assert sorted(p.name for p in tensorboard.iterdir()) == ["train", "validation", "worker_1"]
+    assert list((tensorboard / "train" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert list((tensorboard / "worker_1" / "plugins" / "profile").glob("*/*.xplane.pb"))
+
+
+@pytest.mark.ray
+@pytest.mark.real_data
+def test_job_submit_to_two_node_cluster(cluster, tmp_path):
+    """cluster/submit.sh -> `ray job submit --working-dir .`: one worker on each node, the job
+    succeeds, checkpoints land in the storage path and the export in the workdir."""
+    workdir, storage = tmp_path / "run", tmp_path / "storage"
+    submitted = subprocess.run(
+        ["bash", "cluster/submit.sh", "configs/tiny.yaml", *TINY_RAY, "ray.placement_strategy=STRICT_SPREAD",
+         "ray.name=submitted", f"workdir={workdir}", f"ray.storage_path={storage}"],
+        cwd=REPO, env={**cluster.env, "RAY_ADDRESS": cluster.address, "PYTHON": sys.executable},
+        capture_output=True, text=True, timeout=600)
+    output = submitted.stdout + submitted.stderr
+    assert submitted.returncode == 0, output[-6000:]
+    assert re.search(r"Job 'raysubmit_\w+' succeeded", output), output[-3000:]
+    assert "node_rank=1" in output  # STRICT_SPREAD: the second worker ran on the second node
+    run_dir = storage / "submitted"
+    assert (run_dir / "checkpoint_step0000008" / "ckpt-8.index").is_file()
+    assert _snapshot_has_checkpoint(run_dir)
+    assert (workdir / "export" / "saved_model" / "saved_model.pb").is_file()
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["step"] == 8 and summary["ray"]["workers"] == 2
+
+
+@pytest.mark.ray
+@pytest.mark.real_data
+def test_killed_worker_resumes_from_last_checkpoint(cluster, tmp_path):
+    """SIGKILL rank 1 once Ray holds a checkpoint: Ray restarts the worker group, which resumes
+    at that checkpoint's step (not 0), and the job completes."""
+    workdir = tmp_path / "run"
+    run_dir = workdir / "ray" / "faulty"
+    log_path = tmp_path / "job.log"
+    # 3 head epochs: 8 more steps after the first checkpoint, time enough to kill a worker mid-run.
+    args = ["train", "configs/tiny.yaml", *TINY_RAY, "train.head.epochs=3", "ray.enabled=true", "ray.name=faulty",
+            f"ray.address={cluster.head_ip}:{cluster.gcs}", f"workdir={workdir}"]
+    with open(log_path, "w") as log:
+        job = subprocess.Popen([sys.executable, "-m", "job", *args], cwd=REPO, env=cluster.env,
+                               stdout=log, stderr=subprocess.STDOUT)
+    try:
+        alive = lambda: job.poll() is None  # noqa: E731
+        _wait_for(lambda: _snapshot_has_checkpoint(run_dir), 400, "Ray's first registered checkpoint", alive=alive)
+        rank1 = re.search(r"pid=(\d+)\) world_rank=1", log_path.read_text())
+        assert rank1, log_path.read_text()[-3000:]
+        os.kill(int(rank1.group(1)), signal.SIGKILL)
+        job.wait(timeout=500)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    output = log_path.read_text()
+    assert job.returncode == 0, output[-6000:]
+    assert output.count("Started training worker group of size 2") == 2, output[-6000:]
+    # Both workers of the new group restore the chief's newest checkpoint: at least Ray's first.
+    resumed = [int(step) for step in re.findall(r"resumed from \S+ckpt-\d+ at step (\d+)", output)]
+    assert len(resumed) == 2 and resumed[0] == resumed[1] and 4 <= resumed[0] < 16, resumed
+    assert re.search(r"Ray checkpoint \S+checkpoint_step\d+ is at step \d+|restored Ray checkpoint", output)
+    for line in output.splitlines():  # shown with -s: the evidence of the resume
+        if "FailurePolicy" in line or "resumed from" in line or "Ray checkpoint" in line:
+            print(line)
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["step"] == 16 and summary["status"] == "finished"
+
+
+@pytest.mark.ray
+def test_cluster_configs_are_valid():
+    """cluster/ray-cluster.yaml passes Ray's own `ray up` validation; the RayJob's entrypoint is
+    `python -m job train` with a config that exists and loads with its overrides."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    from job.__main__ import _parser
+    from job.config import load_config
+
+    cluster = yaml.safe_load((REPO / "cluster" / "ray-cluster.yaml").read_text())
+    validate_config(prepare_config(cluster))
+    assert {"head", "gpu_worker"} <= set(cluster["available_node_types"])
+    assert all((REPO / src).exists() for src in cluster["file_mounts"].values())
+    assert any("pip install" in c and "-e" in c for c in cluster["setup_commands"])
+
+    manifest = yaml.safe_load((REPO / "cluster" / "rayjob.yaml").read_text())
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayJob"
+    spec = manifest["spec"]["rayClusterSpec"]
+    assert spec["headGroupSpec"]["template"]["spec"]["containers"]
+    worker = spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    yaml.safe_load(manifest["spec"]["runtimeEnvYAML"])
+    argv = shlex.split(manifest["spec"]["entrypoint"])
+    assert argv[:4] == ["python", "-m", "job", "train"]
+    args = _parser().parse_args(argv[3:])
+    assert (REPO / args.config).is_file()
+    config = load_config(str(REPO / args.config), args.overrides)
+    assert config.ray.enabled and config.ray.use_gpu
+
+    assert subprocess.run(["bash", "-n", "cluster/submit.sh"], cwd=REPO).returncode == 0
+    assert load_config(str(REPO / "configs" / "ray_local.yaml")).ray.enabled
+
+
+def test_resume_takes_the_newer_checkpoint(tmp_path):
+    """Rank 0's restore from ray.train.get_checkpoint(): Ray's checkpoint goes into the workdir
+    only when newer than the workdir's own, and arrives as a checkpoint TF lists and restores."""
+    import tensorflow as tf
+
+    from job.launch import adopt_checkpoint, checkpoint_step, copy_latest_checkpoint
+
+    value = tf.Variable(0.0)
+    checkpoint = tf.train.Checkpoint(value=value)
+    saved = tf.train.CheckpointManager(checkpoint, str(tmp_path / "chief"), max_to_keep=3)
+    for step in (4, 8):
+        value.assign(float(step))
+        saved.save(checkpoint_number=step)
+    reported = tmp_path / "reported"  # what rank 0 hands to ray.train.report: the newest only
+    assert copy_latest_checkpoint(str(tmp_path / "chief"), str(reported)) == 8
+    assert sorted(p.name for p in reported.iterdir()) == ["checkpoint", "ckpt-8.data-00000-of-00001", "ckpt-8.index"]
+
+    workdir = tmp_path / "workdir" / "checkpoints"
+    assert adopt_checkpoint(str(reported), str(workdir)) and checkpoint_step(str(workdir)) == 8
+    value.assign(0.0)
+    restored = tf.train.CheckpointManager(checkpoint, str(workdir), max_to_keep=3)
+    assert [os.path.basename(p) for p in restored.checkpoints] == ["ckpt-8"]
+    checkpoint.restore(restored.latest_checkpoint).assert_existing_objects_matched()
+    assert value.numpy() == 8.0
+
+    value.assign(12.0)
+    restored.save(checkpoint_number=12)  # the chief got further than its last report
+    assert not adopt_checkpoint(str(reported), str(workdir)) and checkpoint_step(str(workdir)) == 12
+
+
+def test_scaling_and_run_config_follow_the_settings(tmp_path):
+    """ray.* settings -> ScalingConfig (1 or N GPUs per worker) and RunConfig (name, storage,
+    failures, retention)."""
+    from job.config import load_config
+    from job.launch import run_config, scaling_config
+
+    config = load_config(None, [f"workdir={tmp_path}", "ray.num_workers=2", "ray.use_gpu=true", "ray.gpus_per_worker=4",
+                                "ray.cpus_per_worker=8", "ray.resources_per_worker={trainer: 1}", "ray.max_failures=5",
+                                "ray.keep_checkpoints=3", "ray.name=layout"])
+    scaling = scaling_config(config.ray)
+    assert scaling.num_workers == 2 and scaling.use_gpu
+    assert scaling.resources_per_worker == {"CPU": 8, "GPU": 4, "trainer": 1}
+    run = run_config(config)
+    assert run.name == "layout" and run.storage_path == str(tmp_path / "ray")
+    assert run.failure_config.max_failures == 5 and run.checkpoint_config.num_to_keep == 3
+    cpu = scaling_config(load_config(None, ["ray.cpus_per_worker=0.5"]).ray)
+    assert not cpu.use_gpu and cpu.resources_per_worker == {"CPU": 0.5}
