@@ -1,0 +1,58 @@
+"""The frozen phase on cached features against running the frozen backbone every step.
+
+    TFDS_DATA_DIR=../shared/datasets KERAS_HOME=../shared/keras \\
+      .venv/bin/python benchmarks/compare_cache.py configs/benchmark_cache.yaml [key=value ...]
+
+Trains the head phase twice in one process from the same initial weights, with
+train.cache_features=false then =true, and prints for each the phase's wall time (feature
+extraction included for the cached run) and the final validation accuracy, then the speed-up
+and the accuracy difference. Writes <workdir>/compare_cache.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import types
+
+from job.benchmark import scratch_run, write_json
+from job.config import load_config
+
+
+def head_phase(config, cache: bool) -> dict:
+    config = config.model_copy(update={"train": config.train.model_copy(update={"cache_features": cache})})
+    with scratch_run(config) as run:
+        phase = run.phases[0]
+        start = time.perf_counter()
+        run.run_phase(phase, types.SimpleNamespace(received=None))
+        seconds = time.perf_counter() - start
+        last = run.history[-1]
+        return {"cache_features": cache, "feature_cache_used": run.use_feature_cache(phase), "seconds": seconds,
+                "steps": phase.steps, "epochs": phase.config.epochs,
+                "val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    runs = [head_phase(config, False), head_phase(config, True)]
+    for r in runs:
+        print(f"cache_features={str(r['cache_features']).lower():5s}  {r['epochs']:g} head epochs, {r['steps']} steps in "
+              f"{r['seconds']:7.1f} s   val accuracy {100 * r['val_accuracy']:.2f}%")
+    uncached, cached = runs
+    result = {"runs": runs, "speedup": uncached["seconds"] / cached["seconds"],
+              "accuracy_difference_points": 100 * (cached["val_accuracy"] - uncached["val_accuracy"])}
+    print(f"feature caching: {result['speedup']:.1f}x faster, accuracy difference "
+          f"{result['accuracy_difference_points']:+.2f} points")
+    print(f"wrote {write_json(config.workdir, 'compare_cache.json', result)}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())

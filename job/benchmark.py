@@ -1,0 +1,378 @@
+"""python -m job benchmark CONFIG [key=value ...]: where a train step's time goes.
+
+For each phase, after warm-up (tracing, XLA compilation, shuffle buffer and cache fill) and
+as the median of repeats, it measures:
+  input  the phase's input pipeline alone (images/sec): the batches `train` really uses,
+         images or, for a frozen phase on cached features, features (their extraction,
+         a one-time cost, is timed separately);
+  step   the train step alone, on one synthetic batch already on the device;
+  e2e    the two together, exactly as `train` runs them (`Run.step_functions`, chunks of
+         train.steps_per_call steps).
+From these: the share of the end-to-end step spent waiting for input (1 - step/e2e time)
+and a verdict, model FLOPs per image and the FLOP/s achieved next to a matmul measured on
+the same machine in the same dtype, and the settings that took effect (strategy, replicas,
+precision, XLA as compiled into the traced step, where resizing runs, feature caching).
+With --profile, a few end-to-end steps are also traced with the TensorFlow profiler and the
+input wait is read from that trace. Prints a table, writes <workdir>/benchmark.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import json
+import logging
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from typing import Callable, Optional
+
+import keras
+import tensorflow as tf
+
+from job.config import Config
+from job.model import build_model
+from job.telemetry import ProfilerWindow
+
+log = logging.getLogger(__name__)
+
+# More than this share of the step spent waiting for input, or a pipeline slower than the
+# step, and the phase is input-bound.
+INPUT_BOUND_SHARE = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    steps: int = 20  # train steps (or batches) per timed repeat
+    repeats: int = 3  # the median of these is reported
+    warmup: int = 2  # untimed calls first
+
+
+def images_per_sec(run_once: Callable[[], None], images: int) -> float:
+    start = time.perf_counter()
+    run_once()
+    return images / (time.perf_counter() - start)
+
+
+def summary(rates: list[float]) -> dict:
+    return {"images_per_sec": statistics.median(rates), "repeats": [round(r, 1) for r in rates]}
+
+
+def run_steps(steps, iterator, count: int, per_call: int) -> None:
+    """`count` train steps in chunks of `per_call`, waiting for each chunk like the train loop does."""
+    done = 0
+    while done < count:
+        n = min(per_call, count - done)
+        steps.train_chunk(iterator, tf.constant(n)).numpy()
+        done += n
+
+
+# --- what took effect ----------------------------------------------------------------
+def xla_compiled(steps, iterator) -> bool:
+    """Whether the traced train step really contains an XLA-compiled function.
+
+    Read from the graph that runs, not from the setting: Keras 3's `jit_compile="auto"`
+    silently drops XLA under tf.distribute, and we want to see such a thing.
+    """
+    concrete = steps.train_chunk.get_concrete_function(iterator, tf.constant(1))
+    library = concrete.graph.as_graph_def().library.function
+    return any(f.attr["_XlaMustCompile"].b for f in library if "_XlaMustCompile" in f.attr)
+
+
+def onednn_enabled() -> bool:
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled()) and os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") != "0"
+
+
+def effective_settings(run, steps, iterator, cached: bool) -> dict:
+    config = run.config
+    threads = tf.config.threading
+    return {
+        "strategy": type(run.strategy).__name__,
+        "replicas": run.replicas,
+        "global_batch": run.global_batch,
+        "precision": keras.mixed_precision.global_policy().name,
+        "compute_dtype": run.model.backbone.compute_dtype,
+        "xla_requested": config.train.jit_compile,
+        "xla_in_step": xla_compiled(steps, iterator),
+        "steps_per_call": config.train.steps_per_call,
+        "resize_on": "none (cached features)" if cached else config.data.resize_on,
+        "feature_cache": cached,
+        "image_size": config.model.image_size,
+        "onednn": onednn_enabled(),
+        # 0 means TensorFlow's default: one thread per core.
+        "intra_op_threads": threads.get_intra_op_parallelism_threads() or os.cpu_count(),
+        "inter_op_threads": threads.get_inter_op_parallelism_threads() or os.cpu_count(),
+    }
+
+
+# --- FLOPs ---------------------------------------------------------------------------
+def forward_flops(model: keras.Model, input_shape: tuple) -> int:
+    """FLOPs of one image through `model` (inference), counted by TensorFlow's profiler."""
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    concrete = tf.function(lambda x: model(x, training=False)).get_concrete_function(
+        tf.TensorSpec((1, *input_shape), tf.float32))
+    graph = convert_variables_to_constants_v2(concrete).graph
+    builder = tf.compat.v1.profiler.ProfileOptionBuilder
+    options = builder(builder.float_operation()).with_empty_output().build()
+    tf_log = logging.getLogger("tensorflow")
+    level = tf_log.level
+    tf_log.setLevel(logging.ERROR)  # the v1 profiler warns that it is v1
+    try:
+        return int(tf.compat.v1.profiler.profile(graph, options=options).total_float_ops)
+    finally:
+        tf_log.setLevel(level)
+
+
+def model_flops(config: Config, num_classes: int) -> dict:
+    """Forward FLOPs per image of backbone and head, and of a train step per phase.
+
+    A fresh float32 copy outside any strategy: FLOPs depend on shapes, not weights or dtype.
+    Train FLOPs follow the usual model-FLOPs convention: backward = 2x forward for what
+    is trained, so the fine-tune step is 3x forward (an upper bound when only the top
+    layers are unfrozen); a frozen backbone only runs forward.
+    """
+    policy = keras.mixed_precision.global_policy().name
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        m = config.model
+        model = build_model(m.image_size, m.alpha, "none", num_classes, m.dropout)
+        backbone = forward_flops(model.extractor, (m.image_size, m.image_size, 3))
+        head = forward_flops(model.head, tuple(model.head.input_shape[1:]))
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    return {"forward_backbone": backbone, "forward_head": head,
+            "train_head_cached": 3 * head, "train_head": backbone + 3 * head, "train_finetune": 3 * (backbone + head)}
+
+
+def matmul_flops_per_sec(dtype: str, n: int = 2048, repeats: int = 5) -> float:
+    """A large matmul in `dtype` on this machine: the practical peak to compare against."""
+    a = tf.cast(tf.random.normal([n, n]), dtype)
+    b = tf.cast(tf.random.normal([n, n]), dtype)
+    matmul = tf.function(tf.matmul)
+    matmul(a, b).numpy()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).numpy()
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times)
+
+
+# --- the profiler's view ---------------------------------------------------------------
+def _union_length(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, -float("inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def input_wait_from_trace(profile_dir: str) -> Optional[dict]:
+    """Share of traced step time spent in iterator GetNext ops, from the profiler's trace.
+
+    Step events are the `train` markers the job's ProfilerWindow writes; waiting for input
+    is the union of every GetNext op's time within them (replicas may wait in parallel).
+    """
+    from xprof.convert import raw_to_tool_data
+
+    paths = sorted(glob.glob(os.path.join(profile_dir, "plugins", "profile", "*", "*.xplane.pb")))
+    if not paths:
+        return None
+    trace, _ = raw_to_tool_data.xspace_to_tool_data(paths[-1:], "trace_viewer", {})
+    events = json.loads(trace if isinstance(trace, str) else trace.decode())["traceEvents"]
+    steps = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "train" and "dur" in e]
+    waits = [(e["ts"], e["ts"] + e["dur"]) for e in events if "GetNext" in e.get("name", "") and "dur" in e]
+    step_time = sum(stop - start for start, stop in steps)
+    if not step_time:
+        return None
+    waited = sum(_union_length([(max(a, s), min(b, t)) for a, b in waits if a < t and b > s]) for s, t in steps)
+    return {"trace": paths[-1], "calls_traced": len(steps), "ms_per_call": step_time / 1000 / len(steps),
+            "input_wait_share": waited / step_time}
+
+
+# --- one phase -----------------------------------------------------------------------
+def synthetic_dataset(run, cached: bool, feature_dim: int):
+    """One random batch per replica, repeated: the train step with no input cost."""
+    config = run.config
+    if cached:
+        shape, dtype = (feature_dim,), tf.float32
+    elif config.data.resize_on == "device":
+        shape, dtype = run.info.image_shape, tf.uint8
+    else:
+        shape, dtype = (config.model.image_size, config.model.image_size, 3), tf.float32
+
+    def make(batch, ctx):
+        images = tf.random.stateless_uniform((batch, *shape), seed=[0, 0], maxval=255 if dtype == tf.uint8 else 1.0,
+                                             dtype=tf.int32 if dtype == tf.uint8 else tf.float32)
+        labels = tf.random.stateless_uniform((batch,), seed=[0, 1], maxval=run.info.num_classes, dtype=tf.int32)
+        return tf.data.Dataset.from_tensors((tf.cast(images, dtype), labels)).repeat().prefetch(2)
+
+    return run._distribute(make)
+
+
+def time_input(train_data, budget: Budget, images: int) -> dict:
+    """(a) The input pipeline alone, after `budget.warmup` batches (shuffle buffer, cache fill)."""
+    iterator = iter(train_data)
+    started = time.perf_counter()
+    for _ in range(budget.warmup):
+        next(iterator)
+    first = time.perf_counter() - started
+    rates = [images_per_sec(lambda: [next(iterator) for _ in range(budget.steps)], images) for _ in range(budget.repeats)]
+    return {**summary(rates), "first_batches_seconds": round(first, 3)}
+
+
+def time_steps(steps, synthetic, real, budget: Budget, per_call: int, images: int) -> list[tuple[float, float]]:
+    """(b) the step on a synthetic batch and (c) end to end, as (b, c) pairs of images/sec.
+
+    Alternating: each pair sees the same load from whatever else runs on the machine.
+    """
+    run_steps(steps, synthetic, budget.warmup * per_call, per_call)
+    run_steps(steps, real, budget.warmup * per_call, per_call)
+    return [(images_per_sec(lambda: run_steps(steps, synthetic, budget.steps, per_call), images),
+             images_per_sec(lambda: run_steps(steps, real, budget.steps, per_call), images))
+            for _ in range(budget.repeats)]
+
+
+def verdict(pairs: list[tuple[float, float]], input_rate: float, batch: int) -> dict:
+    """(d) Input- or compute-bound, from the pairs of (step alone, end to end) rates."""
+    step_rate = statistics.median(p[0] for p in pairs)
+    e2e_rate = statistics.median(p[1] for p in pairs)
+    # The extra time of an end-to-end step over the step alone, pair by pair.
+    wait = statistics.median(max(0.0, 1.0 - e2e / step) for step, e2e in pairs)
+    bound = "input-bound" if input_rate < step_rate or wait > INPUT_BOUND_SHARE else "compute-bound"
+    return {"bound": bound, "input_wait_share": wait, "input_headroom": input_rate / step_rate,
+            "step_ms": 1000 * batch / step_rate, "e2e_step_ms": 1000 * batch / e2e_rate}
+
+
+def flops_row(flops: dict, phase_name: str, cached: bool, step_rate: float, e2e_rate: float, peak: float) -> dict:
+    """(e) Model FLOPs per image and the FLOP/s achieved, next to the measured matmul peak."""
+    key = "train_head_cached" if cached else f"train_{phase_name}"
+    forward = flops["forward_head"] if cached else flops["forward_backbone"] + flops["forward_head"]
+    return {"forward_per_image": forward, "train_per_image": flops[key], "achieved_step": flops[key] * step_rate,
+            "achieved_e2e": flops[key] * e2e_rate, "matmul_peak": peak, "utilization_step": flops[key] * step_rate / peak}
+
+
+def profile_steps(steps, real, profile_dir: str, count: int, per_call: int) -> Optional[dict]:
+    """End-to-end steps under the TensorFlow profiler, one `train` marker per call, then read back."""
+    window = ProfilerWindow(profile_dir, (0, count))
+    window.before(0)
+    for index in range(0, count, per_call):
+        with window.trace(index):
+            run_steps(steps, real, min(per_call, count - index), per_call)
+    window.stop()
+    return input_wait_from_trace(profile_dir)
+
+
+def benchmark_phase(run, phase_name: str, budget: Budget, flops: dict, peaks: dict,
+                    profile_dir: Optional[str]) -> dict:
+    phase = next(p for p in run.phases if p.name == phase_name)
+    cached = run.use_feature_cache(phase)
+    steps = run.step_functions(phase)
+    per_call, batch = run.config.train.steps_per_call, run.global_batch
+    images = budget.steps * batch
+    result: dict = {"phase": phase_name}
+
+    started = time.perf_counter()
+    train_data, _ = run.phase_datasets(phase, 0)  # extracts the features when cached
+    if cached:
+        data = run.config.data
+        extracted = sum(run.info.split_sizes[split] for split in (data.train_split, data.val_split) if split)
+        seconds = time.perf_counter() - started
+        result["feature_extraction"] = {"images": extracted, "seconds": round(seconds, 2),
+                                        "images_per_sec": extracted / seconds}
+
+    log.info("benchmark %s: input pipeline", phase_name)
+    result["input"] = time_input(train_data, budget, images)
+    log.info("benchmark %s: train step on a synthetic batch and end to end", phase_name)
+    synthetic = iter(synthetic_dataset(run, cached, int(run.model.head.input_shape[-1])))
+    real = iter(train_data)
+    pairs = time_steps(steps, synthetic, real, budget, per_call, images)
+    result["step"], result["e2e"] = summary([p[0] for p in pairs]), summary([p[1] for p in pairs])
+    result["verdict"] = verdict(pairs, result["input"]["images_per_sec"], batch)
+    result["settings"] = effective_settings(run, steps, synthetic, cached)
+    result["flops"] = flops_row(flops, phase_name, cached, result["step"]["images_per_sec"],
+                                result["e2e"]["images_per_sec"], peaks[result["settings"]["compute_dtype"]])
+    if profile_dir:
+        log.info("benchmark %s: profiling end-to-end steps", phase_name)
+        # Two calls at most: the profiler slows every op and its trace grows with each.
+        result["profile"] = profile_steps(steps, real, profile_dir, min(budget.steps, 2 * per_call), per_call)
+    return result
+
+
+# --- the report ----------------------------------------------------------------------
+def _fmt_flops(value: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value:.3g} "
+
+
+def format_table(report: dict) -> str:
+    lines = []
+    for r in report["phases"]:
+        s, v, f = r["settings"], r["verdict"], r["flops"]
+        what = "head on cached features" if s["feature_cache"] else f"{'classifier' if r['phase'] == 'finetune' else 'frozen backbone + head'} at {s['image_size']}px"
+        lines.append(f"phase {r['phase']}: {what}, global batch {s['global_batch']}")
+        if "feature_extraction" in r:
+            e = r["feature_extraction"]
+            lines.append(f"  feature extraction (once)   {e['images_per_sec']:10.1f} img/s   {e['images']} images in {e['seconds']} s")
+        lines.append(f"  (a) input pipeline alone    {r['input']['images_per_sec']:10.1f} img/s   repeats {r['input']['repeats']}")
+        lines.append(f"  (b) train step alone        {r['step']['images_per_sec']:10.1f} img/s   {v['step_ms']:.1f} ms/step, repeats {r['step']['repeats']}")
+        lines.append(f"  (c) end to end              {r['e2e']['images_per_sec']:10.1f} img/s   {v['e2e_step_ms']:.1f} ms/step, repeats {r['e2e']['repeats']}")
+        lines.append(f"  (d) verdict                 {v['bound']}: {100 * v['input_wait_share']:.1f}% of the step waiting for input, "
+                     f"input pipeline {v['input_headroom']:.1f}x what the step consumes")
+        if r.get("profile"):
+            p = r["profile"]
+            lines.append(f"      profiler                {100 * p['input_wait_share']:.1f}% of {p['calls_traced']} traced train call(s) in GetNext, {p['ms_per_call']:.1f} ms/call (slowed by tracing)")
+        lines.append(f"  (e) FLOPs per image         {_fmt_flops(f['forward_per_image'])}FLOP forward, {_fmt_flops(f['train_per_image'])}FLOP per train step; "
+                     f"achieved {_fmt_flops(f['achieved_step'])}FLOP/s (step), {_fmt_flops(f['achieved_e2e'])}FLOP/s (e2e) = "
+                     f"{100 * f['utilization_step']:.1f}% of a {s['compute_dtype']} matmul's {_fmt_flops(f['matmul_peak'])}FLOP/s")
+        lines.append(f"  (f) in effect               {s['strategy']} x{s['replicas']}, {s['precision']}, XLA {'on' if s['xla_in_step'] else 'off'}"
+                     f" (requested {'on' if s['xla_requested'] else 'off'}), steps_per_call {s['steps_per_call']}, resize on {s['resize_on']}, "
+                     f"oneDNN {'on' if s['onednn'] else 'off'}, threads {s['intra_op_threads']}/{s['inter_op_threads']}")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def scratch_run(config: Config):
+    """A job.train.Run whose checkpoints and TensorBoard files go to a scratch directory, never a real run's."""
+    from job.train import Run
+
+    scratch = tempfile.mkdtemp(prefix="benchmark-")
+    try:
+        yield Run(config, scratch, reporter=None)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def benchmark(config: Config, phases: list[str], budget: Budget = Budget(), profile: bool = False,
+              workdir: Optional[str] = None) -> dict:
+    """Measure `phases` under `config`; write <workdir>/benchmark.json; return the report."""
+    workdir = workdir or config.workdir
+    with scratch_run(config) as run:
+        flops = model_flops(config, run.info.num_classes)
+        dtypes = {"float32", run.model.backbone.compute_dtype}
+        peaks = {dtype: matmul_flops_per_sec(dtype) for dtype in dtypes}
+        results = []
+        for name in phases:
+            profile_dir = os.path.join(workdir, "benchmark_profile", name) if profile else None
+            results.append(benchmark_phase(run, name, budget, flops, peaks, profile_dir))
+    report = {"budget": dataclasses.asdict(budget), "model_flops": flops, "matmul_peak_flops": peaks, "phases": results}
+    write_json(workdir, "benchmark.json", report)
+    return report
+
+
+def write_json(workdir: str, name: str, data: dict) -> str:
+    """<workdir>/<name> holding `data`; returns the path."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, name)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, default=float)
+    return path

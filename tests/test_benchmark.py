@@ -1,0 +1,104 @@
+"""The benchmark command, feature caching's equivalence, and that speed settings really take effect."""
+
+import json
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from job.benchmark import Budget, _union_length, benchmark, format_table
+from job.config import load_config
+from job.train import Run
+from tests.conftest import REPO, job_env
+
+TINY = [
+    "data.data_dir=/nonexistent/tfds",
+    "data.train_split=train",
+    "data.val_split=null",
+    "model.image_size=32",
+    "model.alpha=0.35",
+    "model.weights=none",
+    "model.dropout=0.0",
+    "train.batch_size=8",
+    "train.head.augment=none",
+    "telemetry.progress_bar=false",
+    "telemetry.profile_steps=null",
+]
+BUDGET = Budget(steps=2, repeats=2, warmup=1)
+
+
+def test_benchmark_command_prints_the_table_and_writes_every_field(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("{}\n")
+    args = ["benchmark", str(config), f"workdir={tmp_path}", *TINY, "train.steps_per_call=2",
+            "--steps", "2", "--repeats", "2", "--warmup", "1", "--profile"]
+    result = subprocess.run([sys.executable, "tests/mock_job.py", "32", *args], cwd=REPO, env=job_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for line in ["phase head: head on cached features", "phase finetune: classifier at 32px", "feature extraction (once)",
+                 "(a) input pipeline alone", "(b) train step alone", "(c) end to end", "(d) verdict", "profiler",
+                 "(e) FLOPs per image", "(f) in effect"]:
+        assert line in result.stdout, result.stdout
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    assert report["model_flops"]["forward_backbone"] > 1e6 and report["matmul_peak_flops"]["float32"] > 1e8
+    head, finetune = report["phases"]
+    assert head["settings"]["feature_cache"] and not finetune["settings"]["feature_cache"]
+    assert head["feature_extraction"]["images"] == 32
+    for phase in (head, finetune):
+        for part in ("input", "step", "e2e"):
+            assert phase[part]["images_per_sec"] > 0 and len(phase[part]["repeats"]) == 2
+        assert phase["verdict"]["bound"] in ("input-bound", "compute-bound")
+        assert 0 <= phase["verdict"]["input_wait_share"] < 1 and phase["verdict"]["input_headroom"] > 0
+        assert 0 <= phase["profile"]["input_wait_share"] <= 1 and phase["profile"]["calls_traced"] == 1
+        assert phase["flops"]["train_per_image"] >= phase["flops"]["forward_per_image"] > 0
+        assert phase["flops"]["achieved_step"] > 0 and phase["flops"]["utilization_step"] > 0
+        settings = phase["settings"]
+        assert settings["strategy"] == "_DefaultDistributionStrategy" and settings["replicas"] == 1
+        assert settings["precision"] == "float32" and settings["steps_per_call"] == 2
+        assert settings["xla_requested"] is False and settings["xla_in_step"] is False
+    assert finetune["settings"]["resize_on"] == "device"
+    assert finetune["flops"]["train_per_image"] == 3 * finetune["flops"]["forward_per_image"]
+
+
+@pytest.fixture
+def mock_data():
+    with tfds.testing.mock_data(num_examples=32):
+        yield
+
+
+def _head_after_training(tmp_path, cache: bool) -> list:
+    config = load_config(None, [*TINY, f"train.cache_features={str(cache).lower()}", "train.head.epochs=2",
+                                "train.finetune.epochs=0", "data.shuffle_buffer=16", "checkpoint.every_steps=1000"])
+    run = Run(config, str(tmp_path / f"cache_{cache}"), reporter=None)
+    head = run.phases[0]
+    assert run.use_feature_cache(head) is cache
+    run.run_phase(head, types.SimpleNamespace(received=None))
+    assert int(run.step.numpy()) == 8
+    return [w.numpy() for w in run.model.head.weights]
+
+
+def test_feature_cache_trains_the_same_head_as_running_the_frozen_backbone(tmp_path, mock_data):
+    cached, uncached = _head_after_training(tmp_path, True), _head_after_training(tmp_path, False)
+    # Same shuffled order, same steps: only float round-off may differ.
+    assert not np.allclose(cached[0], 0)
+    for a, b in zip(cached, uncached):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_jit_compile_and_steps_per_call_change_what_took_effect(tmp_path, mock_data):
+    reports = {}
+    for jit, per_call in [(True, 3), (False, 1)]:
+        config = load_config(None, [*TINY, f"train.jit_compile={str(jit).lower()}", f"train.steps_per_call={per_call}"])
+        reports[jit] = benchmark(config, ["head"], BUDGET, workdir=str(tmp_path / str(jit)))
+        settings = reports[jit]["phases"][0]["settings"]
+        assert (settings["xla_requested"], settings["xla_in_step"], settings["steps_per_call"]) == (jit, jit, per_call)
+    assert "XLA on (requested on), steps_per_call 3" in format_table(reports[True])
+    assert "XLA off (requested off), steps_per_call 1" in format_table(reports[False])
+
+
+def test_waiting_time_counts_overlapping_waits_once():
+    assert _union_length([(0, 2), (1, 3), (5, 6)]) == 4
+    assert _union_length([]) == 0
