@@ -119,7 +119,7 @@ def _resume_from_ray(checkpoints_dir: str) -> None:
         if adopt_checkpoint(directory, checkpoints_dir):
             log.info("restored Ray checkpoint %s (step %s) into %s", checkpoint.path, ray_step, checkpoints_dir)
         else:
-            log.info("Ray checkpoint %s is at step %s; the workdir's own at step %s is as new, resuming from it",
+            log.info("Ray checkpoint %s is at step %s; the workdir's own, at step %s, is at least as new: resuming from it",
                      checkpoint.path, ray_step, local_step)
 
 
