@@ -1,5 +1,6 @@
 """The benchmark command, feature caching's equivalence, and that speed settings really take effect."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -102,3 +103,24 @@ def test_jit_compile_and_steps_per_call_change_what_took_effect(tmp_path, mock_d
 def test_waiting_time_counts_overlapping_waits_once():
     assert _union_length([(0, 2), (1, 3), (5, 6)]) == 4
     assert _union_length([]) == 0
+
+
+def _script(name):
+    """A benchmarks/ script as a module (the folder is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_scripts_write_their_ratios(tmp_path, mock_data):
+    config = tmp_path / "config.yaml"
+    config.write_text("{}\n")
+    tiny = [str(config), f"workdir={tmp_path}", *TINY, "data.val_split=test", "train.head.epochs=1", "train.finetune.epochs=1"]
+    assert _script("compare_fit").main([*tiny, "--rounds", "1", "--steps", "2"]) == 0
+    fit = json.loads((tmp_path / "compare_fit.json").read_text())
+    assert set(fit["ratios"]) == {f"{j}_vs_{r}" for j in ("job_e2e", "job_step") for r in ("fit_same", "fit_tutorial")}
+    assert all(v > 0 for v in fit["ratios"].values()) and fit["settings"]["fit_jit_compile"] is False
+    assert _script("compare_cache").main(tiny) == 0
+    cache = json.loads((tmp_path / "compare_cache.json").read_text())
+    assert [r["feature_cache_used"] for r in cache["runs"]] == [False, True] and cache["speedup"] > 0
