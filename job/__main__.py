@@ -167,9 +167,6 @@ def main(argv=None) -> int:
         if err.errno not in _ENVIRONMENT_ERRNOS:
             raise
         return _fail(f"cannot write {err.filename}: {err.strerror}", 2)
-    except KeyboardInterrupt:
-        # SIGINT outside a train step (start-up, validation, export): nothing new to save.
-        return _fail("interrupted outside a train step; checkpoints written so far are kept: rerun the same command to resume", 130)
     except Preempted as stop:
         print(str(stop), file=sys.stderr)
         return 0
@@ -179,4 +176,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        # SIGINT/SIGTERM outside a train step (start-up, validation, export): nothing new to save.
+        sys.exit(_fail("interrupted outside a train step; checkpoints written so far are kept: "
+                       "rerun the same command to resume", 130))
