@@ -40,7 +40,8 @@ def test_benchmark_command_prints_the_table_and_writes_every_field(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     for line in ["phase head: head on cached features", "phase finetune: classifier at 32px", "feature extraction (once)",
-                 "(a) input pipeline alone", "(b) train step alone", "(c) end to end", "(d) verdict", "profiler",
+                 "(a) input pipeline alone", "(b) train step alone", "(c) end to end", "(d) verdict", "waiting, from timing",
+                 "waiting, from profiler",
                  "(e) FLOPs per image", "(f) in effect"]:
         assert line in result.stdout, result.stdout
     report = json.loads((tmp_path / "benchmark.json").read_text())
@@ -54,6 +55,8 @@ def test_benchmark_command_prints_the_table_and_writes_every_field(tmp_path):
         assert phase["verdict"]["bound"] in ("input-bound", "compute-bound")
         assert 0 <= phase["verdict"]["input_wait_share"] < 1 and phase["verdict"]["input_headroom"] > 0
         assert 0 <= phase["profile"]["input_wait_share"] <= 1 and phase["profile"]["calls_traced"] == 1
+        assert phase["verdict"]["wait_source"] == "profiler"
+        assert phase["verdict"]["input_wait_share"] == phase["profile"]["input_wait_share"]
         assert phase["flops"]["train_per_image"] >= phase["flops"]["forward_per_image"] > 0
         assert phase["flops"]["achieved_step"] > 0 and phase["flops"]["utilization_step"] > 0
         settings = phase["settings"]
