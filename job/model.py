@@ -161,10 +161,17 @@ def set_backbone_trainable(model: TransferModel, unfreeze) -> None:
 
 
 def serving_model(model: TransferModel, image_size: int) -> keras.Model:
-    """Raw uint8 images of any size in, class probabilities out."""
+    """Raw uint8 images of any size in, class probabilities out.
+
+    Freezes `model`: a frozen BatchNorm runs in inference mode whatever `training` value
+    Keras passes down the nested graphs (seen: an unfrozen one here used batch statistics).
+    """
+    set_backbone_trainable(model, False)
     raw = keras.Input((None, None, 3), dtype="uint8", name="raw_image")
-    x = keras.layers.Resizing(image_size, image_size, interpolation="bilinear", name="resize")(raw)
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="scale")(x)
+    # Scale first: it turns uint8 into float32. Resizing uint8 directly rounds to whole pixel
+    # levels once the model is reloaded from .keras. (Bilinear resizing commutes with the scaling.)
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="scale")(raw)
+    x = keras.layers.Resizing(image_size, image_size, interpolation="bilinear", name="resize")(x)
     # training=False recorded in the graph: otherwise a caller's default training=None lets the
     # nested head resolve dropout as active (seen with Keras 3.15: two calls, two answers).
     probabilities = keras.layers.Softmax(dtype="float32", name="probabilities")(model.classifier(x, training=False))

@@ -7,8 +7,10 @@ its scalars and profile over HTTP on loopback. Then kill-and-resume.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -90,7 +92,10 @@ def _get_json(url: str, deadline: float):
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(url, timeout=10) as response:
-                return json.loads(response.read())
+                body = response.read()
+                if response.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                return json.loads(body)
         except OSError as err:  # not listening yet
             last = err
             time.sleep(0.2)  # polling interval while tensorboard starts, not synchronisation
@@ -135,6 +140,14 @@ def _wait_for(predicate, timeout: float, what: str):
         time.sleep(0.1)  # polling interval, not synchronisation
 
 
+def _latest_step(workdir: Path) -> int:
+    state = workdir / "checkpoints" / "checkpoint"
+    if not state.is_file():
+        return -1
+    match = re.search(r'^model_checkpoint_path: "ckpt-(\d+)"', state.read_text(), re.M)
+    return int(match.group(1)) if match else -1
+
+
 def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     if not WEIGHTS.is_file():
         pytest.skip("offline weights not found")
@@ -142,13 +155,13 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path):
             "checkpoint.every_steps=2", "telemetry.profile_steps=null"]
     victim = subprocess.Popen(args, cwd=REPO, env=job_env(REAL), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        # Kill it once it is inside the fine-tune phase (global step > 8 of 16).
-        _wait_for(lambda: any(int(p.stem.split("-")[1]) >= 10 for p in (tmp_path / "checkpoints").glob("ckpt-*.index"))
-                  or victim.poll() is not None, 600, "no checkpoint past step 10")
+        # Kill it once a checkpoint inside the fine-tune phase (global step > 8 of 16) is complete,
+        # i.e. named in the manager's state file (its data files are written before).
+        _wait_for(lambda: _latest_step(tmp_path) >= 10 or victim.poll() is not None, 600, "no checkpoint past step 10")
     finally:
         victim.send_signal(signal.SIGKILL)
         victim.wait()
-    steps_at_kill = max(int(p.stem.split("-")[1]) for p in (tmp_path / "checkpoints").glob("ckpt-*.index"))
+    steps_at_kill = _latest_step(tmp_path)
     assert 10 <= steps_at_kill < 16, "the run finished before it could be killed"
 
     resumed = subprocess.run(args, cwd=REPO, env=job_env(REAL), capture_output=True, text=True, timeout=600)

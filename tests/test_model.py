@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 
+from job import data as data_lib
 from job.model import WeightsError, build_model, serving_model, set_backbone_trainable
 from tests.conftest import WEIGHTS
 
@@ -47,6 +48,8 @@ def test_serving_model_takes_raw_uint8_of_any_size(model):
     probabilities = np.asarray(served(images))
     assert probabilities.shape == (3, 10)
     np.testing.assert_array_equal(probabilities, np.asarray(served(images)))  # no dropout at serving time
+    expected = keras.ops.softmax(model.logits(data_lib.to_model_input(images, 32), training=False))
+    np.testing.assert_allclose(probabilities, expected, rtol=1e-4, atol=1e-6)  # same as training's eval
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
 
