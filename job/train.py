@@ -277,6 +277,7 @@ class Run:
         self.summary_path = os.path.join(workdir, "summary.json")
         self.time_to_accuracy = self._load_summary().get("time_to_accuracy", [])
         self.history: list[dict] = []
+        self._extract = None  # the traced feature-extraction step, built on first use
 
     # --- phases -----------------------------------------------------------------
     def _trainable(self, phase: Phase) -> list:
@@ -319,16 +320,22 @@ class Run:
     def _extract_features(self, split: str):
         """Pooled backbone features of this worker's shard of `split`, computed once."""
         d, size = self.config.data, self.config.model.image_size
-        preprocess, extractor = self._device_preprocess(), self.model.extractor
-        dataset = self._distribute(lambda b, ctx: data_lib.eval_dataset(d, split, b, size, ctx))
-
-        @tf.function
-        def extract(images, labels):
-            return self.strategy.run(lambda x, y: (extractor(preprocess(x), training=False), y), args=(images, labels))
+        # Inference only, so batches larger than training's are cheap in memory and amortise
+        # per-call overhead; a multiple of the replica count so every replica gets the same share.
+        batch = self.replicas * max(self.global_batch // self.replicas, 256 // self.replicas, 1)
+        dataset = self.strategy.distribute_datasets_from_function(
+            lambda ctx: data_lib.eval_dataset(d, split, ctx.get_per_replica_batch_size(batch), size, ctx))
+        if self._extract is None:
+            preprocess, extractor = self._device_preprocess(), self.model.extractor
+            # One function for every split; reduce_retracing: the last partial batch reuses it.
+            self._extract = tf.function(
+                lambda images, labels: self.strategy.run(
+                    lambda x, y: (extractor(preprocess(x), training=False), y), args=(images, labels)),
+                reduce_retracing=True)
 
         features, labels = [], []
         for images, batch_labels in dataset:
-            f, y = extract(images, batch_labels)
+            f, y = self._extract(images, batch_labels)
             features += [tf.cast(t, tf.float32) for t in self.strategy.experimental_local_results(f)]
             labels += list(self.strategy.experimental_local_results(y))
         return tf.concat(features, 0), tf.concat(labels, 0)
