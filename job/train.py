@@ -125,7 +125,8 @@ def _agree_on_finite(grads):
     non_finite = tf.distribute.get_replica_context().all_reduce(
         tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32)
     )
-    skipped = tf.cast(non_finite > 0, tf.float32)
+    # Every replica returns its share, so the SUM over replicas counts a skipped step once.
+    skipped = tf.cast(non_finite > 0, tf.float32) / tf.distribute.get_replica_context().num_replicas_in_sync
     poison = tf.where(non_finite > 0, float("nan"), 0.0)
     return [g + tf.cast(poison, g.dtype) for g in grads], skipped
 
@@ -249,7 +250,6 @@ class Run:
             raise ConfigError(f"train.batch_size={self.global_batch}: larger than data.train_split "
                               f"{data.train_split!r} ({train_size} examples)")
         self.phases = plan_phases(config, self.steps_per_epoch)
-        self.compute_dtype = keras.mixed_precision.global_policy().compute_dtype
 
         # Same initial head (and, with weights=none, backbone) on every run and worker.
         keras.utils.set_random_seed(config.train.seed)
@@ -446,7 +446,7 @@ class Run:
                 if phase_step // tel.log_every_steps > before // tel.log_every_steps or phase_step == phase.steps:
                     rate, step_ms = meter.read(self.global_batch)
                     lr = float(keras.ops.convert_to_numpy(steps.optimizer.learning_rate))
-                    skipped = window[2] / self.replicas  # every replica counts each skipped step
+                    skipped = window[2]
                     scalars = {f"{phase.name}/loss": window[0] / max(window_steps - skipped, 1),
                                f"{phase.name}/accuracy": window[1] / (window_steps * self.global_batch),
                                f"{phase.name}/learning_rate": lr, f"{phase.name}/images_per_sec": rate,
