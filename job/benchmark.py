@@ -88,7 +88,7 @@ def onednn_enabled() -> bool:
     return bool(_pywrap_util_port.IsMklEnabled()) and os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") != "0"
 
 
-def effective_settings(run, steps, iterator, cached: bool) -> dict:
+def effective_settings(run, steps, iterator, cached: bool, per_call: int) -> dict:
     config = run.config
     threads = tf.config.threading
     return {
@@ -99,11 +99,13 @@ def effective_settings(run, steps, iterator, cached: bool) -> dict:
         "compute_dtype": run.model.backbone.compute_dtype,
         "xla_requested": config.train.jit_compile,
         "xla_in_step": xla_compiled(steps, iterator),
-        "steps_per_call": config.train.steps_per_call,
+        "steps_per_call": per_call,
         "resize_on": "none (cached features)" if cached else config.data.resize_on,
         "feature_cache": cached,
         "image_size": config.model.image_size,
         "onednn": onednn_enabled(),
+        # BatchNorm layers folded into their convolutions (0: model.fold_batchnorm off).
+        "batchnorm_folded": len(run.model.folds),
         # 0 means TensorFlow's default: one thread per core.
         "intra_op_threads": threads.get_intra_op_parallelism_threads() or os.cpu_count(),
         "inter_op_threads": threads.get_inter_op_parallelism_threads() or os.cpu_count(),
@@ -289,7 +291,7 @@ def benchmark_phase(run, phase_name: str, budget: Budget, flops: dict, peaks: di
     phase = next(p for p in run.phases if p.name == phase_name)
     cached = run.use_feature_cache(phase)
     steps = run.step_functions(phase)
-    per_call, batch = run.config.train.steps_per_call, run.global_batch
+    per_call, batch = run.steps_per_call(phase), run.global_batch
     images = budget.steps * batch
     result: dict = {"phase": phase_name}
 
@@ -314,7 +316,7 @@ def benchmark_phase(run, phase_name: str, budget: Budget, flops: dict, peaks: di
         # Two calls at most: the profiler slows every op and its trace grows with each.
         result["profile"] = profile_steps(steps, real, profile_dir, min(budget.steps, 2 * per_call), per_call)
     result["verdict"] = verdict(pairs, result["input"]["images_per_sec"], batch, result.get("profile"))
-    result["settings"] = effective_settings(run, steps, synthetic, cached)
+    result["settings"] = effective_settings(run, steps, synthetic, cached, per_call)
     result["flops"] = flops_row(flops, phase_name, cached, result["step"]["images_per_sec"],
                                 result["e2e"]["images_per_sec"], peaks[result["settings"]["compute_dtype"]])
     return result
@@ -351,7 +353,7 @@ def format_table(report: dict) -> str:
                      f"{100 * f['utilization_step']:.1f}% of a {s['compute_dtype']} matmul's {_fmt_flops(f['matmul_peak'])}FLOP/s")
         lines.append(f"  (f) in effect               {s['strategy']} x{s['replicas']}, {s['precision']}, XLA {'on' if s['xla_in_step'] else 'off'}"
                      f" (requested {'on' if s['xla_requested'] else 'off'}), steps_per_call {s['steps_per_call']}, resize on {s['resize_on']}, "
-                     f"oneDNN {'on' if s['onednn'] else 'off'}, threads {s['intra_op_threads']}/{s['inter_op_threads']}")
+                     f"BatchNorm folded into {s['batchnorm_folded']} convolutions, oneDNN {'on' if s['onednn'] else 'off'}, threads {s['intra_op_threads']}/{s['inter_op_threads']}")
     return "\n".join(lines)
 
 

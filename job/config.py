@@ -45,6 +45,9 @@ class ModelConfig(_Section):
     alpha: Literal[0.35, 0.5, 0.75, 1.0, 1.3, 1.4] = 1.0
     weights: str = "imagenet"  # "imagenet", "none", or a path to a .h5/.weights.h5 file
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    # Frozen BatchNorm folded into its convolution when training and extracting features
+    # (same function, fused kernels; job.model). false: run the stock Keras layers.
+    fold_batchnorm: bool = True
 
     @field_validator("weights")
     @classmethod

@@ -35,6 +35,13 @@ from job.telemetry import ProfilerWindow, Scalars, Throughput, progress
 
 log = logging.getLogger(__name__)
 
+# Feature extraction is inference only: batches of at least this many images.
+EXTRACT_BATCH = 256
+# A head step on cached features is a small matmul, far cheaper than a host round trip:
+# at least this many of them per tf.function call (calls still end at each validation).
+CACHED_STEPS_PER_CALL = 100
+# Per replica, when evaluating cached features.
+FEATURE_EVAL_BATCH = 1024
 
 
 class NonFiniteLoss(RuntimeError):
@@ -255,7 +262,8 @@ class Run:
         keras.utils.set_random_seed(config.train.seed)
         with self.strategy.scope():
             m = config.model
-            self.model: TransferModel = build_model(m.image_size, m.alpha, m.weights, self.info.num_classes, m.dropout)
+            self.model: TransferModel = build_model(m.image_size, m.alpha, m.weights, self.info.num_classes, m.dropout,
+                                                          m.fold_batchnorm)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
                                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             self.optimizers = {}
@@ -291,6 +299,11 @@ class Run:
         setting = self.config.train.cache_features
         return phase.name == "head" and (setting is True or (setting == "auto" and self.config.augment_for("head") == "none"))
 
+    def steps_per_call(self, phase: Phase) -> int:
+        """Train steps per tf.function call: the setting, or at least CACHED_STEPS_PER_CALL on cached features."""
+        per_call = self.config.train.steps_per_call
+        return max(per_call, CACHED_STEPS_PER_CALL) if self.use_feature_cache(phase) else per_call
+
     def _device_preprocess(self):
         if self.config.data.resize_on == "device":
             size = self.config.model.image_size
@@ -322,16 +335,16 @@ class Run:
         d, size = self.config.data, self.config.model.image_size
         # Inference only, so batches larger than training's are cheap in memory and amortise
         # per-call overhead; a multiple of the replica count so every replica gets the same share.
-        batch = self.replicas * max(self.global_batch // self.replicas, 256 // self.replicas, 1)
+        batch = self.replicas * max(self.global_batch // self.replicas, EXTRACT_BATCH // self.replicas, 1)
         dataset = self.strategy.distribute_datasets_from_function(
             lambda ctx: data_lib.eval_dataset(d, split, ctx.get_per_replica_batch_size(batch), size, ctx))
         if self._extract is None:
-            preprocess, extractor = self._device_preprocess(), self.model.extractor
-            # One function for every split; reduce_retracing: the last partial batch reuses it.
-            self._extract = tf.function(
-                lambda images, labels: self.strategy.run(
-                    lambda x, y: (extractor(preprocess(x), training=False), y), args=(images, labels)),
-                reduce_retracing=True)
+            preprocess, features = self._device_preprocess(), self.model.features
+            self._extract = tf.function(lambda images, labels: self.strategy.run(
+                lambda x, y: (features(preprocess(x)), y), args=(images, labels)))
+            # Traced once, for any batch size (the element spec's batch dimension is None):
+            # every split and its partial last batch reuse it. A trace costs a second or so.
+            self._extract.get_concrete_function(*dataset.element_spec)
 
         features, labels = [], []
         for images, batch_labels in dataset:
@@ -349,13 +362,19 @@ class Run:
                  int(train_features[0].shape[0]), time.perf_counter() - started)
 
         def train_fn(batch, ctx):
-            ds = tf.data.Dataset.from_tensor_slices(train_features)
-            ds = ds.shuffle(d.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+            # Shuffle indices, not 5 KB feature rows, and gather a whole batch at once. Same
+            # seed, buffer and count as the image pipeline, so the same order as images.
+            count = int(train_features[1].shape[0])
+            ds = tf.data.Dataset.range(count).shuffle(d.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
             ds = ds.batch(batch, drop_remainder=True).skip(self._skip_batches(phase_step, ctx))
-            return ds.prefetch(data_lib.AUTOTUNE)
+            ds = ds.map(lambda index: (tf.gather(train_features[0], index), tf.gather(train_features[1], index)),
+                        num_parallel_calls=data_lib.AUTOTUNE)
+            return data_lib.without_autotune_model(ds.prefetch(data_lib.AUTOTUNE))
 
         train = self._distribute(train_fn)
-        val = self._distribute(lambda b, ctx: tf.data.Dataset.from_tensor_slices(val_features).batch(b)) if val_features else None
+        # Evaluating cached features is a matmul: one large batch per replica, not many small ones.
+        val = self.strategy.distribute_datasets_from_function(
+            lambda ctx: tf.data.Dataset.from_tensor_slices(val_features).batch(FEATURE_EVAL_BATCH)) if val_features else None
         return train, val
 
     def phase_datasets(self, phase: Phase, phase_step: int):
@@ -422,12 +441,13 @@ class Run:
                  phase.steps, self.steps_per_epoch, self.global_batch, self.replicas,
                  "cached features" if cached else f"images at {cfg.model.image_size}px", "" if phase_step == 0 else " (resumed)")
         eval_every = max(1, int(round(tel.eval_every_epochs * self.steps_per_epoch)))
+        per_call = self.steps_per_call(phase)
         window = np.zeros(3)
         window_steps = 0
         try:
             while phase_step < phase.steps:
                 to_eval = eval_every - phase_step % eval_every
-                n = min(cfg.train.steps_per_call, to_eval, phase.steps - phase_step)
+                n = min(per_call, to_eval, phase.steps - phase_step)
                 profiler.before(phase_step)
                 with profiler.trace(int(self.step.numpy())) if profiler.active else contextlib.nullcontext():
                     totals = steps.train_chunk(iterator, tf.constant(n)).numpy()
@@ -463,7 +483,10 @@ class Run:
                     window, window_steps = np.zeros(3), 0
                 eval_due = phase_step % eval_every == 0 or phase_step == phase.steps
                 checkpoint_due = self.step.numpy() // cfg.checkpoint.every_steps > (self.step.numpy() - n) // cfg.checkpoint.every_steps
-                if eval_due or checkpoint_due or stop.received:
+                # Each validation checkpoints too, except on cached features: there an epoch takes
+                # less time than a save, and resuming re-extracts the features anyway.
+                saved = eval_due and not cached or checkpoint_due or stop.received or phase_step == phase.steps
+                if saved:
                     path = self._save(phase)
                     if stop.received:
                         raise Preempted(f"stopped by signal {stop.received} at step {int(self.step.numpy())}; "
@@ -478,7 +501,7 @@ class Run:
                               "weights_sha256": weights_digest(self.model.classifier)}
                     if metrics:
                         report.update(val_accuracy=metrics["accuracy"], val_loss=metrics["loss"])
-                    self.reporter(report, self.checkpoints.directory if self.chief else None)
+                    self.reporter(report, self.checkpoints.directory if self.chief and saved else None)
         finally:
             profiler.stop()
             bar.close()

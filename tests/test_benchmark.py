@@ -12,7 +12,7 @@ import tensorflow_datasets as tfds
 
 from job.benchmark import Budget, _union_length, benchmark, format_table
 from job.config import load_config
-from job.train import Run
+from job.train import CACHED_STEPS_PER_CALL, Run
 from tests.conftest import REPO, job_env
 
 TINY = [
@@ -61,8 +61,11 @@ def test_benchmark_command_prints_the_table_and_writes_every_field(tmp_path):
         assert phase["flops"]["achieved_step"] > 0 and phase["flops"]["utilization_step"] > 0
         settings = phase["settings"]
         assert settings["strategy"] == "_DefaultDistributionStrategy" and settings["replicas"] == 1
-        assert settings["precision"] == "float32" and settings["steps_per_call"] == 2
+        assert settings["precision"] == "float32"
         assert settings["xla_requested"] is False and settings["xla_in_step"] is False
+        assert settings["batchnorm_folded"] == 52
+    # A head step on cached features is tiny: at least CACHED_STEPS_PER_CALL of them per call.
+    assert (head["settings"]["steps_per_call"], finetune["settings"]["steps_per_call"]) == (CACHED_STEPS_PER_CALL, 2)
     assert finetune["settings"]["resize_on"] == "device"
     assert finetune["flops"]["train_per_image"] == 3 * finetune["flops"]["forward_per_image"]
 
@@ -95,7 +98,8 @@ def test_feature_cache_trains_the_same_head_as_running_the_frozen_backbone(tmp_p
 def test_jit_compile_and_steps_per_call_change_what_took_effect(tmp_path, mock_data):
     reports = {}
     for jit, per_call in [(True, 3), (False, 1)]:
-        config = load_config(None, [*TINY, f"train.jit_compile={str(jit).lower()}", f"train.steps_per_call={per_call}"])
+        config = load_config(None, [*TINY, "train.cache_features=false", f"train.jit_compile={str(jit).lower()}",
+                                    f"train.steps_per_call={per_call}"])
         reports[jit] = benchmark(config, ["head"], BUDGET, workdir=str(tmp_path / str(jit)))
         settings = reports[jit]["phases"][0]["settings"]
         assert (settings["xla_requested"], settings["xla_in_step"], settings["steps_per_call"]) == (jit, jit, per_call)

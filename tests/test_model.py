@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from job import data as data_lib
 from job.model import WeightsError, build_model, serving_model, set_backbone_trainable
@@ -37,6 +38,7 @@ def test_logits_stay_float32_under_mixed_precision(policy):
     try:
         m = build_model(32, 0.35, "none", 10, 0.2)
         assert m.extractor(np.zeros((1, 32, 32, 3), "float32")).dtype.name == policy.split("_")[1]
+        assert m.features(np.zeros((1, 32, 32, 3), "float32")).dtype.name == policy.split("_")[1]  # folded BatchNorm
         assert m.classifier(np.zeros((1, 32, 32, 3), "float32")).dtype.name == "float32"
     finally:
         keras.mixed_precision.set_global_policy("float32")
@@ -78,3 +80,45 @@ def test_training_forward_keeps_batchnorm_in_inference_mode():
 def test_head_dropout_is_active_only_in_training(model):
     features = np.random.default_rng(0).uniform(0, 1, (8, 1280)).astype("float32")
     assert np.abs(np.asarray(model.head(features, training=True)) - np.asarray(model.head(features, training=False))).max() > 1e-3
+
+
+def _randomize_batchnorm(model, seed=0):
+    """Random statistics, scale and offset: fresh ones (0, 1, 1, 0) make BatchNorm almost the identity."""
+    rng = np.random.default_rng(seed)
+    for layer in model.backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            shape = layer.gamma.shape
+            layer.set_weights([rng.uniform(0.5, 1.5, shape), rng.normal(0, 0.2, shape),
+                               rng.normal(0, 0.2, shape), rng.uniform(0.5, 2.0, shape)])
+
+
+def test_folded_batchnorm_computes_the_stock_function_and_gradients():
+    model = build_model(32, 0.35, "none", 10, 0.0)
+    assert len(model.folds) == 52  # every BatchNorm of MobileNetV2 follows a bias-free convolution
+    _randomize_batchnorm(model)
+    set_backbone_trainable(model, "all")
+    images = tf.constant(np.random.default_rng(1).uniform(-1, 1, (4, 32, 32, 3)).astype("float32"))
+
+    def stock(x):
+        return model.extractor(x, training=False)
+
+    def value_and_gradients(forward):
+        with tf.GradientTape() as tape:
+            features = forward(images)
+            loss = tf.reduce_sum(features * tf.range(features.shape[-1], dtype=tf.float32) / features.shape[-1])
+        return features.numpy(), [g.numpy() for g in tape.gradient(loss, model.backbone.trainable_variables)]
+
+    (stock_features, stock_grads), (folded_features, folded_grads) = value_and_gradients(stock), value_and_gradients(model.features)
+    scale = np.abs(stock_features).max()
+    assert scale > 1e-2
+    np.testing.assert_allclose(folded_features, stock_features, atol=1e-4 * scale)
+    assert len(folded_grads) == 52
+    for a, b in zip(folded_grads, stock_grads):
+        np.testing.assert_allclose(a, b, atol=1e-4 * np.abs(b).max() + 1e-7)
+
+
+def test_folding_can_be_turned_off():
+    model = build_model(32, 0.35, "none", 10, 0.0, fold_batchnorm=False)
+    assert model.folds == {}
+    images = np.zeros((1, 32, 32, 3), "float32")
+    np.testing.assert_array_equal(model.features(images), model.extractor(images, training=False))
