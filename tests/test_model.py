@@ -95,6 +95,7 @@ def _randomize_batchnorm(model, seed=0):
 def test_folded_batchnorm_computes_the_stock_function_and_gradients():
     model = build_model(32, 0.35, "none", 10, 0.0)
     assert len(model.folds) == 52  # every BatchNorm of MobileNetV2 follows a bias-free convolution
+    assert len(model.same_padding) == 4  # the stride-2 blocks' ZeroPadding2D is "SAME" padding
     _randomize_batchnorm(model)
     set_backbone_trainable(model, "all")
     images = tf.constant(np.random.default_rng(1).uniform(-1, 1, (4, 32, 32, 3)).astype("float32"))
@@ -119,6 +120,6 @@ def test_folded_batchnorm_computes_the_stock_function_and_gradients():
 
 def test_folding_can_be_turned_off():
     model = build_model(32, 0.35, "none", 10, 0.0, fold_batchnorm=False)
-    assert model.folds == {}
+    assert model.folds == {} and not model.absorbed
     images = np.zeros((1, 32, 32, 3), "float32")
     np.testing.assert_array_equal(model.features(images), model.extractor(images, training=False))

@@ -428,7 +428,8 @@ def test_resumed_pipeline_sees_the_same_batches(real_env):
     from job import data as data_lib
     from job.config import DataConfig
 
-    config = DataConfig(augment="flip_crop", shuffle_buffer=256)
+    # data_dir explicitly: TFDS reads TFDS_DATA_DIR once, when first imported in this process.
+    config = DataConfig(data_dir=real_env["TFDS_DATA_DIR"], augment="flip_crop", shuffle_buffer=256)
     # 8 batches per epoch: skipping 10 lands mid-way through the second, reshuffled epoch.
     uninterrupted = list(data_lib.train_dataset(config, "train[:256]", 32, 32, seed=3).take(14))[10:]
     resumed = list(data_lib.train_dataset(config, "train[:256]", 32, 32, seed=3, skip_batches=10).take(4))
