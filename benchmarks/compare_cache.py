@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     config = load_config(args.config, args.overrides)
     runs = [head_phase(config, False), head_phase(config, True)]
     for r in runs:

@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--steps", type=int, default=4, help="train steps per round and side (short: load changes fast)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     config = load_config(args.config, args.overrides)
     result = compare(config, args.rounds, args.steps)
     s, m = result["settings"], result["median_images_per_sec"]

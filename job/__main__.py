@@ -97,8 +97,21 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def parse_command_line(argv=None) -> argparse.Namespace:
+    """Like parse_args, but key=value overrides may also follow the options
+    (`benchmark CONFIG --phase finetune train.batch_size=128`); argparse alone stops
+    collecting positionals at the first option, and its intermixed mode rejects subcommands."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*getattr(args, "overrides", []), *extra]
+    return args
+
+
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_command_line(argv)
     # Outside train steps SIGTERM ends the command like Ctrl-C; inside them the train loop's
     # own handler takes over and saves a checkpoint at the next step boundary first.
     signal.signal(signal.SIGTERM, _interrupt)

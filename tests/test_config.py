@@ -61,3 +61,12 @@ def test_bad_settings_give_one_line_naming_the_setting(override, expected):
 def test_yaml_on_off_is_a_bool():
     assert parse_override("train.cache_features=off") == ("train.cache_features", False)
     assert load_config(None, ["train.cache_features=off"]).train.cache_features is False
+
+
+def test_command_line_takes_overrides_before_and_after_options():
+    from job.__main__ import parse_command_line
+
+    args = parse_command_line(["benchmark", "c.yaml", "workdir=w", "--phase", "finetune", "train.batch_size=8"])
+    assert (args.config, args.phase, args.overrides) == ("c.yaml", "finetune", ["workdir=w", "train.batch_size=8"])
+    with pytest.raises(SystemExit):
+        parse_command_line(["benchmark", "c.yaml", "--phase", "finetune", "--no-such-flag"])
