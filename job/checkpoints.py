@@ -2,6 +2,9 @@
 
 TensorFlow's CheckpointManager writes a checkpoint's files before it updates the
 `checkpoint` index, so a crash mid-save leaves the previous checkpoint as the latest.
+Restoring tries the newest checkpoint first and falls back past unreadable ones; it lists
+them from the index and from the ckpt-<N>.index files beside it, because TensorFlow treats a
+garbled index as "no checkpoints" (a run would silently start over) and fails on an empty one.
 Under MultiWorkerMirroredStrategy every worker must take part in a save; only the chief
 writes into the workdir, the others into a temporary directory that is deleted.
 """
@@ -12,6 +15,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import shutil
 import tempfile
 from typing import Optional
@@ -92,6 +96,60 @@ def _reason(err: Exception) -> str:
     return text.rsplit("; ", 1)[-1].split(" [Op:")[0].strip()
 
 
+INDEX = "checkpoint"  # TensorFlow's index file: the newest checkpoint and those kept
+
+
+def _step_of(path: str) -> int:
+    return int(path.rsplit("-", 1)[1])
+
+
+def checkpoints_to_try(directory: str) -> list[str]:
+    """Checkpoint prefixes in `directory`, newest first: those the index lists and any complete
+    ckpt-<N> beside it (TF renames a checkpoint into place only once it is fully written)."""
+    if not os.path.isdir(directory):
+        return []
+    try:
+        state = tf.train.get_checkpoint_state(directory)
+        listed = list(state.all_model_checkpoint_paths) if state else []
+    except ValueError:  # an empty index file; a garbled one TF only warns about and reads as none
+        listed = []
+    on_disk = [m[1] for name in os.listdir(directory) if (m := re.fullmatch(r"(ckpt-\d+)\.index", name))]
+    paths = {os.path.join(directory, os.path.basename(p)) for p in listed} | {os.path.join(directory, p) for p in on_disk}
+    return sorted(paths, key=_step_of, reverse=True)
+
+
+def restore_newest(checkpoint: tf.train.Checkpoint, directory: str, partial: bool = False) -> Optional[str]:
+    """Restore the newest checkpoint of `directory` that reads back, warning about broken ones;
+    None if there is none. `partial`: the checkpoint may hold more (e.g. optimizer slots)."""
+    candidates = checkpoints_to_try(directory)
+    for path in candidates:
+        try:
+            status = checkpoint.restore(path)
+            (status.expect_partial() if partial else status).assert_existing_objects_matched()
+            return path
+        except Exception as err:  # noqa: BLE001 - a damaged file fails as OpError, IndexError, ValueError...
+            log.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous one",
+                        path, type(err).__name__, (str(err).splitlines() or [""])[0][:160])
+    if candidates:
+        # Starting from scratch would soon rotate these away: the user decides, not the job.
+        raise NoReadableCheckpoint(
+            f"none of the {len(candidates)} checkpoints in {directory} reads back "
+            "(see the warnings above); move them away to start over")
+    return None
+
+
+def _open_manager(checkpoint: tf.train.Checkpoint, directory: str, keep: int) -> tf.train.CheckpointManager:
+    """The chief's manager. An index file TF cannot even open is set aside first (the checkpoints
+    stay; restore_newest finds them by name) rather than stopping every rerun."""
+    try:
+        return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
+    except ValueError as err:
+        index = os.path.join(directory, INDEX)
+        os.replace(index, index + ".unreadable")
+        log.warning("checkpoint index %s is unreadable (%s); moved it to %s.unreadable", index, err, index)
+        return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
+
+
 class Checkpoints:
     """Save every N steps and restore the newest readable checkpoint."""
 
@@ -99,10 +157,10 @@ class Checkpoints:
         self._scratch = None if chief else tempfile.mkdtemp(prefix="ckpt-worker-")
         self.directory = directory if chief else self._scratch
         self._checkpoint = checkpoint
-        self.manager = tf.train.CheckpointManager(checkpoint, self.directory, max_to_keep=keep)
+        self.manager = _open_manager(checkpoint, self.directory, keep)
         # Every worker resumes from the chief's checkpoints: replicas must start from the same
-        # weights. A manager only reads its directory until it saves, and this one never saves.
-        self._reader = self.manager if chief else tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
+        # weights. Only the chief writes there.
+        self._source = directory
 
     @property
     def latest(self) -> Optional[str]:
@@ -122,19 +180,7 @@ class Checkpoints:
 
     def restore_latest(self) -> Optional[str]:
         """Restore the newest checkpoint that reads back; warn about and skip broken ones."""
-        for path in reversed(self._reader.checkpoints):
-            try:
-                self._checkpoint.restore(path).assert_existing_objects_matched()
-                return path
-            except Exception as err:  # noqa: BLE001 - a damaged file fails as OpError, IndexError, ValueError...
-                log.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous one",
-                            path, type(err).__name__, (str(err).splitlines() or [""])[0][:160])
-        if self._reader.checkpoints:
-            # Starting from scratch would soon rotate these away: the user decides, not the job.
-            raise NoReadableCheckpoint(
-                f"none of the {len(self._reader.checkpoints)} checkpoints in {self._reader.directory} reads back "
-                "(see the warnings above); move them away to start over")
-        return None
+        return restore_newest(self._checkpoint, self._source)
 
     def close(self) -> None:
         if self._scratch:

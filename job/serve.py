@@ -1,7 +1,7 @@
 """Export a trained workdir as a model that serves raw images, and evaluate a workdir.
 
 Export rebuilds the model outside any distribution strategy in float32, restores the
-latest checkpoint, and writes:
+newest checkpoint that reads back (warning about damaged ones), and writes:
   <workdir>/export/model.keras     Keras 3 file: uint8 images in, probabilities out
   <workdir>/export/saved_model/    TF SavedModel with a `serve` endpoint, for TF Serving
 """
@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from job import data as data_lib
+from job.checkpoints import NoReadableCheckpoint, checkpoints_to_try, restore_newest
 from job.config import Config
 from job.model import build_model, serving_model
 
@@ -32,17 +33,20 @@ def export_dir(workdir: str) -> str:
 
 
 def restore_classifier(config: Config, workdir: str, checkpoint: Optional[str] = None):
-    """A float32 TransferModel holding the weights of `checkpoint` (default: the workdir's latest)."""
+    """A float32 TransferModel holding the weights of `checkpoint` (default: the workdir's newest
+    that reads back, past damaged ones, as training resumes) and that checkpoint's path."""
     directory = os.path.join(workdir, "checkpoints")
-    latest = checkpoint or tf.train.latest_checkpoint(directory)
-    if latest is None:
+    if checkpoint is None and not checkpoints_to_try(directory):
         raise NothingToLoad(f"workdir {workdir!r}: no checkpoint in {directory}")
     num_classes = data_lib.dataset_info(config.data, []).num_classes
     keras.mixed_precision.set_global_policy("float32")
     # weights="none": the checkpoint holds every weight, no need to read ImageNet's.
     model = build_model(config.model.image_size, config.model.alpha, "none", num_classes, config.model.dropout)
-    tf.train.Checkpoint(model=model.classifier).restore(latest).expect_partial().assert_existing_objects_matched()
-    return model, latest
+    reader = tf.train.Checkpoint(model=model.classifier)
+    if checkpoint is not None:
+        reader.restore(checkpoint).expect_partial().assert_existing_objects_matched()
+        return model, checkpoint
+    return model, restore_newest(reader, directory, partial=True)
 
 
 def export(config: Config, workdir: str) -> str:
@@ -69,6 +73,11 @@ def evaluate(config: Config, workdir: str, split: str) -> dict:
         model, source = restore_classifier(config, workdir)
         served = serving_model(model, config.model.image_size)
     except NothingToLoad:
+        served, source = load_exported(workdir), os.path.join(export_dir(workdir), "model.keras")
+    except NoReadableCheckpoint as err:
+        if not os.path.isfile(os.path.join(export_dir(workdir), "model.keras")):
+            raise
+        log.warning("%s; evaluating the exported model instead", err)
         served, source = load_exported(workdir), os.path.join(export_dir(workdir), "model.keras")
     raw = data_lib.load_images(config.data, split).batch(256)
     correct = count = 0

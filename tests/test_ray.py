@@ -108,10 +108,14 @@ class LocalCluster:
         self.processes: list[subprocess.Popen] = []
         head = ["--head", f"--port={self.gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}",
                 f"--ray-client-server-port={client}"]
-        self._start("head", "127.0.0.2", head + self._agent_ports(0))
-        _wait_for(self._job_server_up, 120, "the head's job server")
-        self._start("node2", "127.0.0.3", [f"--address={self.head_ip}:{self.gcs}"] + self._agent_ports(4))
-        _wait_for(lambda: self._alive_nodes() == 2, 120, "2 alive nodes")
+        try:
+            self._start("head", "127.0.0.2", head + self._agent_ports(0))
+            _wait_for(self._job_server_up, 120, "the head's job server")
+            self._start("node2", "127.0.0.3", [f"--address={self.head_ip}:{self.gcs}"] + self._agent_ports(4))
+            _wait_for(lambda: self._alive_nodes() == 2, 120, "2 alive nodes")
+        except BaseException:
+            self.stop()  # no fixture will: leave no Ray processes behind
+            raise
 
     def _agent_ports(self, first: int) -> list[str]:
         # Every node on this host needs its own agent ports, or the second collides with the first.
@@ -135,9 +139,11 @@ class LocalCluster:
 
     def _alive_nodes(self) -> int:
         listed = self._ray("list", "nodes", "--address", self.address, "--format", "json")
-        if listed.returncode:
-            return 0
-        return sum(node.get("state") == "ALIVE" for node in json.loads(listed.stdout or "[]"))
+        try:
+            nodes = json.loads(listed.stdout) if listed.returncode == 0 else []
+        except ValueError:  # before any node registers, it prints "No resource in the cluster"
+            nodes = []
+        return sum(node.get("state") == "ALIVE" for node in nodes)
 
     def log(self, name: str) -> str:
         return Path(self.tmp, f"{name}.log").read_text()
