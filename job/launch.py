@@ -167,14 +167,17 @@ def storage_path(config: Config) -> str:
     return os.path.abspath(config.ray.storage_path or os.path.join(config.workdir, "ray"))
 
 
+def worker_runtime_env() -> dict:
+    return {"env_vars": {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}}
+
+
 def run_config(config: Config) -> RunConfig:
-    env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
     return RunConfig(
         name=config.ray.name,
         storage_path=storage_path(config),
         failure_config=FailureConfig(max_failures=config.ray.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=config.ray.keep_checkpoints),
-        worker_runtime_env={"env_vars": env},
+        worker_runtime_env=worker_runtime_env(),
     )
 
 
@@ -189,6 +192,34 @@ def _connect(ray_config: RayConfig) -> bool:
     # An embedded single-node Ray ("local": never one found some other way): no dashboard.
     ray.init(address="local", include_dashboard=False)
     return True
+
+
+def _check_inputs(payload: dict) -> Optional[Exception]:
+    """On a node where workers run: the data and weights checks `python -m job` makes locally."""
+    from job.data import DataError, dataset_info
+    from job.model import WeightsError, check_weights_file
+
+    config = Config.model_validate(payload)
+    d = config.data
+    try:
+        dataset_info(d, [d.train_split] + ([d.val_split] if d.val_split else []), prepare=False)
+        check_weights_file(config.model.weights, config.model.alpha)
+    except (DataError, WeightsError) as err:
+        return err
+    return None
+
+
+def preflight(config: Config) -> None:
+    """Check data and weights in one task shaped like a worker, before the worker group starts:
+    Ray Train restarts a failed group ray.max_failures times whatever the error, so bad input
+    would otherwise fail that many times over, each after every worker has started TensorFlow."""
+    ray_config = config.ray
+    task = ray.remote(_check_inputs).options(
+        num_cpus=ray_config.cpus_per_worker, num_gpus=ray_config.gpus_per_worker if ray_config.use_gpu else 0,
+        resources=ray_config.resources_per_worker, runtime_env=worker_runtime_env(), max_retries=0)
+    problem = ray.get(task.remote(config.model_dump(mode="json")))
+    if problem is not None:
+        raise problem
 
 
 def _user_error(err: Exception) -> Exception:
@@ -231,6 +262,7 @@ def train_on_ray(config: Config) -> dict:
     os.makedirs(config.workdir, exist_ok=True)
     started_ray = _connect(config.ray)
     try:
+        preflight(config)
         trainer = TensorflowTrainer(
             _worker_loop,
             train_loop_config={"config": config.model_dump(mode="json")},

@@ -193,6 +193,22 @@ def _snapshot_has_checkpoint(run_dir: Path):
 
 
 @pytest.mark.ray
+def test_bad_input_on_ray_fails_once_before_any_worker_starts(tmp_path):
+    """A data error is checked in one task on a worker's node: exit 2 with one line, no worker
+    group started and none restarted (Ray Train would retry it ray.max_failures times)."""
+    workdir = tmp_path / "run"
+    result = run_job("train", "configs/tiny.yaml", *TINY_RAY, "ray.enabled=true", "ray.max_failures=2",
+                     "data.name=no_such_dataset", f"workdir={workdir}", env={"RAY_ADDRESS": ""}, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-4000:]
+    assert result.stderr.splitlines()[-1] == ("error: data.name='no_such_dataset': no such TFDS dataset "
+                                              "(see tfds.list_builders())"), output[-4000:]
+    assert "Traceback" not in result.stderr
+    assert "TensorflowTrainer" not in output and "FailurePolicy" not in output, output[-4000:]
+    assert not (workdir / "checkpoints").exists()
+
+
+@pytest.mark.ray
 @pytest.mark.real_data
 def test_two_local_workers_agree_and_report(tmp_path, real_env):
     """Embedded local Ray, 2 workers: same weights on both after every epoch, metrics and a
