@@ -50,14 +50,6 @@ def _fail(message: str, status: int) -> int:
     return status
 
 
-def _data_splits(command: str, config) -> list[str]:
-    if command == "evaluate":
-        return [config.data.eval_split]
-    if command == "export":
-        return []
-    return [config.data.train_split] + ([config.data.val_split] if config.data.val_split else [])
-
-
 @contextlib.contextmanager
 def _native_stderr_to_debug_log():
     """Keep TensorFlow's C++ start-up lines (oneDNN, CUDA probing) off stderr.
@@ -128,17 +120,17 @@ def main(argv=None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from job.data import DataError, dataset_info
-    from job.model import WeightsError, check_weights_file
+    from job.data import DataError
+    from job.inputs import check_inputs
+    from job.model import WeightsError
 
     # Data settings from TFDS metadata, the weights file from its HDF5 header and the workdir
     # from its permissions, before TensorFlow loads: a wrong name, split, data_dir or path
-    # fails in a second. (On Ray the data and weights may exist only on the workers.)
+    # fails in a second. (On Ray the data and weights may exist only on the workers: the
+    # same checks run there, in job.launch.preflight.)
     if not (config.ray.enabled and args.command == "train"):
         try:
-            dataset_info(config.data, _data_splits(args.command, config), prepare=False)
-            if args.command in ("train", "benchmark"):
-                check_weights_file(config.model.weights, config.model.alpha)
+            check_inputs(config, args.command)
         except (DataError, WeightsError) as err:
             return _fail(str(err), 2)
         if args.command == "train" and (problem := _workdir_problem(config.workdir)):

@@ -195,15 +195,14 @@ def _connect(ray_config: RayConfig) -> bool:
 
 
 def _check_inputs(payload: dict) -> Optional[Exception]:
-    """On a node where workers run: the data and weights checks `python -m job` makes locally."""
-    from job.data import DataError, dataset_info
-    from job.model import WeightsError, check_weights_file
+    """On a node where workers run: the error of job.inputs.check_inputs, returned (not raised,
+    which Ray would wrap in its own traceback) so the driver raises it as itself."""
+    from job.data import DataError
+    from job.inputs import check_inputs
+    from job.model import WeightsError
 
-    config = Config.model_validate(payload)
-    d = config.data
     try:
-        dataset_info(d, [d.train_split] + ([d.val_split] if d.val_split else []), prepare=False)
-        check_weights_file(config.model.weights, config.model.alpha)
+        check_inputs(Config.model_validate(payload), "train")
     except (DataError, WeightsError) as err:
         return err
     return None

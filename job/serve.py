@@ -54,14 +54,18 @@ def export(config: Config, workdir: str) -> str:
     served = serving_model(model, config.model.image_size)
     out = export_dir(workdir)
     os.makedirs(out, exist_ok=True)
-    served.save(os.path.join(out, "model.keras"))
+    served.save(exported_model_path(workdir))
     served.export(os.path.join(out, "saved_model"), format="tf_saved_model", verbose=False)
     log.info("exported %s to %s", latest, out)
     return out
 
 
+def exported_model_path(workdir: str) -> str:
+    return os.path.join(export_dir(workdir), "model.keras")
+
+
 def load_exported(workdir: str) -> keras.Model:
-    path = os.path.join(export_dir(workdir), "model.keras")
+    path = exported_model_path(workdir)
     if not os.path.isfile(path):
         raise NothingToLoad(f"workdir {workdir!r}: no exported model at {path}")
     return keras.models.load_model(path)
@@ -72,13 +76,12 @@ def evaluate(config: Config, workdir: str, split: str) -> dict:
     try:
         model, source = restore_classifier(config, workdir)
         served = serving_model(model, config.model.image_size)
-    except NothingToLoad:
-        served, source = load_exported(workdir), os.path.join(export_dir(workdir), "model.keras")
-    except NoReadableCheckpoint as err:
-        if not os.path.isfile(os.path.join(export_dir(workdir), "model.keras")):
-            raise
-        log.warning("%s; evaluating the exported model instead", err)
-        served, source = load_exported(workdir), os.path.join(export_dir(workdir), "model.keras")
+    except (NothingToLoad, NoReadableCheckpoint) as err:
+        if isinstance(err, NoReadableCheckpoint):
+            if not os.path.isfile(exported_model_path(workdir)):
+                raise
+            log.warning("%s; evaluating the exported model instead", err)
+        served, source = load_exported(workdir), exported_model_path(workdir)
     raw = data_lib.load_images(config.data, split).batch(256)
     correct = count = 0
     for images, labels in raw:

@@ -1,0 +1,28 @@
+"""Checks of the data and weights a command will read, made before TensorFlow loads.
+
+`python -m job` runs them on the machine it starts on; a Ray run (job.launch.preflight)
+runs them in a task on a node where its workers run. Either way a wrong dataset name,
+split or weights path fails once, in seconds, with one line.
+"""
+
+from __future__ import annotations
+
+from job.config import Config
+
+
+def splits_read_by(command: str, config: Config) -> list[str]:
+    if command == "evaluate":
+        return [config.data.eval_split]
+    if command == "export":
+        return []
+    return [config.data.train_split] + ([config.data.val_split] if config.data.val_split else [])
+
+
+def check_inputs(config: Config, command: str) -> None:
+    """DataError or WeightsError if what `command` reads is missing or malformed."""
+    from job.data import dataset_info
+    from job.model import check_weights_file
+
+    dataset_info(config.data, splits_read_by(command, config), prepare=False)
+    if command in ("train", "benchmark"):
+        check_weights_file(config.model.weights, config.model.alpha)
