@@ -16,20 +16,19 @@ import argparse
 import os
 import sys
 import time
-import types
 
-from job.benchmark import scratch_run, write_json
+from job.benchmark import scratch_trainer, write_json
 from job.config import load_config
 
 
 def head_phase(config, cache: bool) -> dict:
     config = config.model_copy(update={"train": config.train.model_copy(update={"cache_features": cache})})
-    with scratch_run(config) as run:
-        phase = run.phases[0]
+    with scratch_trainer(config) as trainer:
+        run, phase = trainer.run, trainer.run.phases[0]
         start, cpu_start = time.perf_counter(), time.process_time()
-        run.run_phase(phase, types.SimpleNamespace(received=None))
+        trainer.run_phase(phase)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-        last = run.history[-1]
+        last = trainer.history.rows[-1]
         return {"cache_features": cache, "feature_cache_used": run.use_feature_cache(phase), "seconds": seconds, "cpu_seconds": cpu_seconds,
                 "steps": phase.steps, "epochs": phase.config.epochs,
                 "val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"]}

@@ -30,7 +30,7 @@ import keras
 import numpy as np
 
 from job import data as data_lib
-from job.benchmark import run_steps, scratch_run, synthetic_dataset, write_json
+from job.benchmark import run_steps, scratch_trainer, synthetic_dataset, write_json
 from job.config import Config, load_config
 from job.model import build_model, set_backbone_trainable
 
@@ -60,7 +60,7 @@ class BatchTimes(keras.callbacks.Callback):
 def tutorial_model(config: Config, num_classes: int, native_shape: tuple, as_written: bool) -> keras.Model:
     """numpy images in, resized and scaled inside the model, fine-tune layers unfrozen, compiled."""
     m, phase = config.model, config.train.finetune
-    model = build_model(m.image_size, m.alpha, m.weights, num_classes, m.dropout)
+    model = build_model(m, num_classes, config.train.precision)
     if as_written:
         model.backbone.trainable = True
         if phase.unfreeze != "all":
@@ -84,11 +84,12 @@ def numpy_split(config: Config, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def compare(config: Config, rounds: int, steps: int) -> dict:
-    with scratch_run(config) as run:
+    with scratch_trainer(config) as trainer:
+        run = trainer.run
         batch, per_call = run.global_batch, config.train.steps_per_call
         phase = next(p for p in run.phases if p.name == "finetune")
         job_steps = run.step_functions(phase)
-        job_data = iter(run.phase_datasets(phase, 0)[0])
+        job_data = iter(run.datasets(phase, 0)[0])
         job_synthetic = iter(synthetic_dataset(run, False, 0))
 
         x, y = numpy_split(config, config.data.train_split)

@@ -75,16 +75,6 @@ def _native_stderr_to_debug_log():
                 log.debug("tensorflow start-up: %s", line)
 
 
-def _workdir_problem(workdir: str):
-    """Checked without writing: the workdir, or the nearest folder above it that exists, must be a writable directory."""
-    path = os.path.abspath(workdir)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    if os.path.isdir(path) and os.access(path, os.W_OK):  # access() also sees a read-only mount
-        return None
-    return f"workdir={workdir!r}: cannot create or write it ({path} is not a writable directory)"
-
-
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -107,45 +97,50 @@ def main(argv=None) -> int:
     # Outside train steps SIGTERM ends the command like Ctrl-C; inside them the train loop's
     # own handler takes over and saves a checkpoint at the next step boundary first.
     signal.signal(signal.SIGTERM, _interrupt)
-    from job.config import ConfigError, load_config
+    from job.errors import JobError
 
     try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        return _fail(str(err), 2)
+        return _run(args)
+    except JobError as err:
+        return _fail(str(err), err.exit_status)
+    except OSError as err:
+        if err.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        return _fail(f"cannot write {err.filename}: {err.strerror}", 2)
 
+
+def _run(args: argparse.Namespace) -> int:
+    from job.config import load_config
+
+    config = load_config(args.config, args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # TFDS logs every dataset it opens (and warns about every version folder it probes),
     # tf.distribute every reduction it plans.
     logging.getLogger("absl").setLevel(logging.ERROR)
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from job.data import DataError
-    from job.inputs import check_inputs
-    from job.model import WeightsError
+    from job.errors import WorkdirError
+    from job.preflight import check_inputs, workdir_problem
 
     # Data settings from TFDS metadata, the weights file from its HDF5 header and the workdir
     # from its permissions, before TensorFlow loads: a wrong name, split, data_dir or path
     # fails in a second. (On Ray the data and weights may exist only on the workers: the
     # same checks run there, in job.launch.preflight.)
     if not (config.ray.enabled and args.command == "train"):
-        try:
-            check_inputs(config, args.command)
-        except (DataError, WeightsError) as err:
-            return _fail(str(err), 2)
-        if args.command == "train" and (problem := _workdir_problem(config.workdir)):
-            return _fail(problem, 2)
+        check_inputs(config, args.command)
+        if args.command == "train" and (problem := workdir_problem(config.workdir)):
+            raise WorkdirError(problem)
     with _native_stderr_to_debug_log():
         import tensorflow as tf
 
         tf.config.list_physical_devices()  # CUDA probing prints here
     # Heavy imports after validation: bad input is reported in a fraction of a second.
-    from job.checkpoints import CheckpointNotSaved, NoReadableCheckpoint, WorkdirBusy, WorkdirError
-    from job.serve import NothingToLoad, evaluate, export
-    from job.train import NonFiniteLoss, Preempted, train_and_evaluate
+    from job.errors import Preempted
+    from job.export import evaluate, export
+    from job.train import train_and_evaluate
 
-    try:
-        if args.command == "train":
+    if args.command == "train":
+        try:
             if config.ray.enabled:
                 from job.launch import train_on_ray
 
@@ -153,32 +148,22 @@ def main(argv=None) -> int:
             else:
                 summary = train_and_evaluate(config)
                 export(config, config.workdir)
-            print(json.dumps({k: summary[k] for k in ("status", "step", "wall_seconds", "final_val_accuracy")}))
-        elif args.command == "benchmark":
-            from job.benchmark import Budget, benchmark, format_table
+        except Preempted as stop:
+            print(str(stop), file=sys.stderr)
+            return 0
+        print(json.dumps({k: summary[k] for k in ("status", "step", "wall_seconds", "final_val_accuracy")}))
+    elif args.command == "benchmark":
+        from job.benchmark import Budget, benchmark, format_table
 
-            phases = ["head", "finetune"] if args.phase == "all" else [args.phase]
-            report = benchmark(config, phases, Budget(args.steps, args.repeats, args.warmup), args.profile)
-            print(format_table(report))
-            print(f"wrote {os.path.join(config.workdir, 'benchmark.json')}")
-        elif args.command == "export":
-            print(export(config, config.workdir))
-        else:
-            print(json.dumps(evaluate(config, config.workdir, config.data.eval_split)))
-    except (ConfigError, DataError, WeightsError, WorkdirBusy, WorkdirError, CheckpointNotSaved, NoReadableCheckpoint,
-            NothingToLoad) as err:
-        return _fail(str(err), 2)
-    except OSError as err:
-        if err.errno not in _ENVIRONMENT_ERRNOS:
-            raise
-        return _fail(f"cannot write {err.filename}: {err.strerror}", 2)
-    except Preempted as stop:
-        print(str(stop), file=sys.stderr)
-        return 0
-    except NonFiniteLoss as err:
-        return _fail(str(err), 1)
+        phases = ["head", "finetune"] if args.phase == "all" else [args.phase]
+        report = benchmark(config, phases, Budget(args.steps, args.repeats, args.warmup), args.profile)
+        print(format_table(report))
+        print(f"wrote {os.path.join(config.workdir, 'benchmark.json')}")
+    elif args.command == "export":
+        print(export(config, config.workdir))
+    else:
+        print(json.dumps(evaluate(config, config.workdir, config.data.eval_split)))
     return 0
-
 
 if __name__ == "__main__":
     try:

@@ -24,6 +24,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import statistics
 import tempfile
@@ -61,12 +62,15 @@ def summary(rates: list[float]) -> dict:
     return {"images_per_sec": statistics.median(rates), "repeats": [round(r, 1) for r in rates]}
 
 
+NO_STOP = 0.0  # the stop vote every benchmarked step carries
+
+
 def run_steps(steps, iterator, count: int, per_call: int) -> None:
     """`count` train steps in chunks of `per_call`, waiting for each chunk like the train loop does."""
     done = 0
     while done < count:
         n = min(per_call, count - done)
-        steps.train_chunk(iterator, tf.constant(n)).numpy()
+        steps.train_chunk(iterator, tf.constant(n), tf.constant(NO_STOP)).numpy()
         done += n
 
 
@@ -77,7 +81,7 @@ def xla_compiled(steps, iterator) -> bool:
     Read from the graph that runs, not from the setting: Keras 3's `jit_compile="auto"`
     silently drops XLA under tf.distribute, and we want to see such a thing.
     """
-    concrete = steps.train_chunk.get_concrete_function(iterator, tf.constant(1))
+    concrete = steps.train_chunk.get_concrete_function(iterator, tf.constant(1), tf.constant(NO_STOP))
     library = concrete.graph.as_graph_def().library.function
     return any(f.attr["_XlaMustCompile"].b for f in library if "_XlaMustCompile" in f.attr)
 
@@ -95,7 +99,7 @@ def effective_settings(run, steps, iterator, cached: bool, per_call: int) -> dic
         "strategy": type(run.strategy).__name__,
         "replicas": run.replicas,
         "global_batch": run.global_batch,
-        "precision": keras.mixed_precision.global_policy().name,
+        "precision": config.train.precision,
         "compute_dtype": run.model.backbone.compute_dtype,
         "xla_requested": config.train.jit_compile,
         "xla_in_step": xla_compiled(steps, iterator),
@@ -139,15 +143,10 @@ def model_flops(config: Config, num_classes: int) -> dict:
     is trained, so the fine-tune step is 3x forward (an upper bound when only the top
     layers are unfrozen); a frozen backbone only runs forward.
     """
-    policy = keras.mixed_precision.global_policy().name
-    keras.mixed_precision.set_global_policy("float32")
-    try:
-        m = config.model
-        model = build_model(m.image_size, m.alpha, "none", num_classes, m.dropout)
-        backbone = forward_flops(model.extractor, (m.image_size, m.image_size, 3))
-        head = forward_flops(model.head, tuple(model.head.input_shape[1:]))
-    finally:
-        keras.mixed_precision.set_global_policy(policy)
+    size = config.model.image_size
+    model = build_model(config.model, num_classes, "float32", weights="none")
+    backbone = forward_flops(model.extractor, (size, size, 3))
+    head = forward_flops(model.head, tuple(model.head.input_shape[1:]))
     return {"forward_backbone": backbone, "forward_head": head,
             "train_head_cached": 3 * head, "train_head": backbone + 3 * head, "train_finetune": 3 * (backbone + head)}
 
@@ -189,7 +188,8 @@ def input_wait_from_trace(profile_dir: str) -> Optional[dict]:
         return None
     trace, _ = raw_to_tool_data.xspace_to_tool_data(paths[-1:], "trace_viewer", {})
     events = json.loads(trace if isinstance(trace, str) else trace.decode())["traceEvents"]
-    steps = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "train" and "dur" in e]
+    # "train <n>" once the profiler has grouped the step's events under its marker, else "train".
+    steps = [(e["ts"], e["ts"] + e["dur"]) for e in events if re.fullmatch(r"train( \d+)?", e.get("name", "")) and "dur" in e]
     waits = [(e["ts"], e["ts"] + e["dur"]) for e in events if "GetNext" in e.get("name", "") and "dur" in e]
     step_time = sum(stop - start for start, stop in steps)
     if not step_time:
@@ -216,7 +216,7 @@ def synthetic_dataset(run, cached: bool, feature_dim: int):
         labels = tf.random.stateless_uniform((batch,), seed=[0, 1], maxval=run.info.num_classes, dtype=tf.int32)
         return tf.data.Dataset.from_tensors((tf.cast(images, dtype), labels)).repeat().prefetch(2)
 
-    return run._distribute(make)
+    return run.distribute(make)
 
 
 @tf.function
@@ -275,13 +275,12 @@ def flops_row(flops: dict, phase_name: str, cached: bool, step_rate: float, e2e_
             "achieved_e2e": flops[key] * e2e_rate, "matmul_peak": peak, "utilization_step": flops[key] * step_rate / peak}
 
 
-def profile_steps(steps, real, profile_dir: str, count: int, per_call: int) -> Optional[dict]:
-    """End-to-end steps under the TensorFlow profiler, one `train` marker per call, then read back."""
-    window = ProfilerWindow(profile_dir, (0, count))
-    window.before(0)
-    for index in range(0, count, per_call):
-        with window.trace(index):
-            run_steps(steps, real, min(per_call, count - index), per_call)
+def profile_steps(steps, real, profile_dir: str, count: int) -> Optional[dict]:
+    """End-to-end steps under the TensorFlow profiler as training profiles them (one call and
+    one `train` step marker per step), then read back."""
+    window = ProfilerWindow(profile_dir, (1, count + 1))
+    for index in range(count + 1):  # the first, a warm-up, untraced
+        window.run_step(index, index, lambda: steps.train_step(real, tf.constant(NO_STOP)).numpy())
     window.stop()
     return input_wait_from_trace(profile_dir)
 
@@ -296,7 +295,7 @@ def benchmark_phase(run, phase_name: str, budget: Budget, flops: dict, peaks: di
     result: dict = {"phase": phase_name}
 
     started = time.perf_counter()
-    train_data, _ = run.phase_datasets(phase, 0)  # extracts the features when cached
+    train_data, _ = run.datasets(phase, 0)  # extracts the features when cached
     if cached:
         data = run.config.data
         extracted = sum(run.info.split_sizes[split] for split in (data.train_split, data.val_split) if split)
@@ -314,7 +313,7 @@ def benchmark_phase(run, phase_name: str, budget: Budget, flops: dict, peaks: di
     if profile_dir:
         log.info("benchmark %s: profiling end-to-end steps", phase_name)
         # Two calls at most: the profiler slows every op and its trace grows with each.
-        result["profile"] = profile_steps(steps, real, profile_dir, min(budget.steps, 2 * per_call), per_call)
+        result["profile"] = profile_steps(steps, real, profile_dir, min(budget.steps, 2))
     result["verdict"] = verdict(pairs, result["input"]["images_per_sec"], batch, result.get("profile"))
     result["settings"] = effective_settings(run, steps, synthetic, cached, per_call)
     result["flops"] = flops_row(flops, phase_name, cached, result["step"]["images_per_sec"],
@@ -358,13 +357,17 @@ def format_table(report: dict) -> str:
 
 
 @contextlib.contextmanager
-def scratch_run(config: Config):
-    """A job.train.Run whose checkpoints and TensorBoard files go to a scratch directory, never a real run's."""
-    from job.train import Run
+def scratch_trainer(config: Config):
+    """A job.train.Trainer whose checkpoints and TensorBoard files go to a scratch directory, never a real run's."""
+    from job.checkpoints import Checkpoints
+    from job.preemption import StopRequests
+    from job.train import Run, Trainer
 
     scratch = tempfile.mkdtemp(prefix="benchmark-")
     try:
-        yield Run(config, scratch, reporter=None)
+        run = Run(config)
+        with Checkpoints(run.checkpoint(), os.path.join(scratch, "checkpoints"), 1, run.chief) as checkpoints:
+            yield Trainer(run, scratch, checkpoints, StopRequests())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -373,7 +376,8 @@ def benchmark(config: Config, phases: list[str], budget: Budget = Budget(), prof
               workdir: Optional[str] = None) -> dict:
     """Measure `phases` under `config`; write <workdir>/benchmark.json; return the report."""
     workdir = workdir or config.workdir
-    with scratch_run(config) as run:
+    with scratch_trainer(config) as trainer:
+        run = trainer.run
         flops = model_flops(config, run.info.num_classes)
         dtypes = {"float32", run.model.backbone.compute_dtype}
         peaks = {dtype: matmul_flops_per_sec(dtype) for dtype in dtypes}

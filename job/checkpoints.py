@@ -7,6 +7,9 @@ them from the index and from the ckpt-<N>.index files beside it, because TensorF
 garbled index as "no checkpoints" (a run would silently start over) and fails on an empty one.
 Under MultiWorkerMirroredStrategy every worker must take part in a save; only the chief
 writes into the workdir, the others into a temporary directory that is deleted.
+
+Everything that knows how a checkpoint directory is laid out lives here: finding, restoring,
+saving, and copying the newest checkpoint between directories (Ray's reported copies).
 """
 
 from __future__ import annotations
@@ -18,27 +21,14 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from typing import Optional
 
 import tensorflow as tf
 
+from job.errors import CheckpointNotSaved, NoReadableCheckpoint, WorkdirBusy, WorkdirError
+
 log = logging.getLogger(__name__)
-
-
-class WorkdirBusy(RuntimeError):
-    """Another live process holds the workdir."""
-
-
-class WorkdirError(RuntimeError):
-    """The workdir cannot be created or written (read-only, under a file, no permission)."""
-
-
-class CheckpointNotSaved(RuntimeError):
-    """A checkpoint could not be written (e.g. disk full); the previous one is untouched."""
-
-
-class NoReadableCheckpoint(RuntimeError):
-    """Checkpoints exist but none reads back: refuse to start over on top of them."""
 
 
 class WorkdirLock:
@@ -118,6 +108,44 @@ def checkpoints_to_try(directory: str) -> list[str]:
     return sorted(paths, key=_step_of, reverse=True)
 
 
+def checkpoint_step(directory: str) -> Optional[int]:
+    """Step of the newest checkpoint in `directory` (saved as ckpt-<step>), or None."""
+    candidates = checkpoints_to_try(directory)
+    return _step_of(candidates[0]) if candidates else None
+
+
+def copy_latest_checkpoint(source: str, destination: str) -> int:
+    """Copy only the newest checkpoint of `source` (data, index and an index file naming it)
+    into `destination`; returns its step."""
+    candidates = checkpoints_to_try(source)
+    if not candidates:
+        raise FileNotFoundError(f"no checkpoint in {source}")
+    prefix = os.path.basename(candidates[0])
+    os.makedirs(destination, exist_ok=True)
+    for name in os.listdir(source):
+        if name.startswith(prefix + "."):
+            shutil.copy2(os.path.join(source, name), destination)
+    # The CheckpointState text proto CheckpointManager reads. A timestamp after
+    # last_preserved_timestamp makes the manager list (and later rotate) this checkpoint.
+    # Written last: a crash before this leaves `destination` pointing at what it had.
+    state = (f'model_checkpoint_path: "{prefix}"\nall_model_checkpoint_paths: "{prefix}"\n'
+             f"all_model_checkpoint_timestamps: {time.time():.3f}\nlast_preserved_timestamp: 0\n")
+    tmp = os.path.join(destination, INDEX + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(state)
+    os.replace(tmp, os.path.join(destination, INDEX))
+    return _step_of(prefix)
+
+
+def adopt_checkpoint(source: str, directory: str) -> bool:
+    """Make `source`'s newest checkpoint the latest of `directory` unless that one is as new."""
+    theirs, ours = checkpoint_step(source), checkpoint_step(directory)
+    if theirs is None or (ours is not None and ours >= theirs):
+        return False
+    copy_latest_checkpoint(source, directory)
+    return True
+
+
 def restore_newest(checkpoint: tf.train.Checkpoint, directory: str, partial: bool = False) -> Optional[str]:
     """Restore the newest checkpoint of `directory` that reads back, warning about broken ones;
     None if there is none. `partial`: the checkpoint may hold more (e.g. optimizer slots)."""
@@ -151,16 +179,23 @@ def _open_manager(checkpoint: tf.train.Checkpoint, directory: str, keep: int) ->
 
 
 class Checkpoints:
-    """Save every N steps and restore the newest readable checkpoint."""
+    """Save every N steps and restore the newest readable checkpoint; a context manager that
+    frees a non-chief's scratch directory however the run ends."""
 
     def __init__(self, checkpoint: tf.train.Checkpoint, directory: str, keep: int, chief: bool):
         self._scratch = None if chief else tempfile.mkdtemp(prefix="ckpt-worker-")
+        # Every worker resumes from the chief's checkpoints (replicas must start from the same
+        # weights); only the chief writes there, the others save into their scratch.
+        self.source = directory
         self.directory = directory if chief else self._scratch
         self._checkpoint = checkpoint
         self.manager = _open_manager(checkpoint, self.directory, keep)
-        # Every worker resumes from the chief's checkpoints: replicas must start from the same
-        # weights. Only the chief writes there.
-        self._source = directory
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     @property
     def latest(self) -> Optional[str]:
@@ -180,8 +215,9 @@ class Checkpoints:
 
     def restore_latest(self) -> Optional[str]:
         """Restore the newest checkpoint that reads back; warn about and skip broken ones."""
-        return restore_newest(self._checkpoint, self._source)
+        return restore_newest(self._checkpoint, self.source)
 
     def close(self) -> None:
         if self._scratch:
             shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None

@@ -7,16 +7,13 @@ Every setting a user can name lives here, with its default and the values it all
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A setting is wrong; the message is one line fit for a user."""
+from job.errors import ConfigError
 
 
 class _Section(BaseModel):
@@ -31,7 +28,8 @@ class DataConfig(_Section):
     train_split: str = "train[:90%]"
     val_split: Optional[str] = "train[90%:]"
     eval_split: str = "test"
-    # "memory", "none", or a file path prefix for tf.data's on-disk cache.
+    # "memory", "none", or a directory for tf.data's on-disk cache files (one file per
+    # dataset, split, shard and preprocessing: job.data.cache_file).
     cache: str = "memory"
     shuffle_buffer: int = Field(50_000, ge=1)
     augment: Literal["none", "flip", "flip_crop"] = "flip"
@@ -270,7 +268,3 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
-
-def default_data_dir(config: Config) -> Optional[str]:
-    """The TFDS data_dir in effect: the setting, else TFDS_DATA_DIR, else TFDS's default."""
-    return config.data.data_dir or os.environ.get("TFDS_DATA_DIR")

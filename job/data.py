@@ -12,13 +12,17 @@ exactly the examples it had already seen and sees the same batches as an uninter
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import re
 from typing import Optional
 
 import tensorflow_datasets as tfds
 from etils import epy
 
 from job.config import DataConfig
+from job.errors import DataError
+from job.preprocess import to_model_input
 
 with epy.lazy_imports():
     # TensorFlow loads on first use: `dataset_info` reads TFDS metadata alone, so the CLI
@@ -38,10 +42,6 @@ def without_autotune_model(ds):
     options = tf.data.Options()
     options.autotune.enabled = False
     return ds.with_options(options)
-
-
-class DataError(RuntimeError):
-    """The dataset cannot be read; the message is one line fit for a user."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +115,23 @@ def dataset_info(data: DataConfig, splits: list[str], prepare: bool = True) -> O
     return DatasetInfo(features[label_key].num_classes, tuple(features[image_key].shape), sizes)
 
 
+# What load_images caches: decoded uint8 images at the dataset's own size (part of the cache file's name).
+CACHED_FORM = "uint8-native"
+
+
+def cache_file(data: DataConfig, builder, split: str, input_context=None) -> str:
+    """The on-disk cache of one dataset, split, shard and preprocessing under data.cache.
+
+    tf.data reads an existing cache file whatever pipeline it now sits in, so the name must
+    say everything that decides its content, or validation silently scores training images.
+    """
+    pipelines = input_context.num_input_pipelines if input_context else 1
+    shard = f"shard{input_context.input_pipeline_id}of{pipelines}" if pipelines > 1 else "all"
+    what = f"{builder.name}-{builder.version}-{split}-{shard}-{CACHED_FORM}"
+    digest = hashlib.sha256(f"{builder.data_dir}|{what}".encode()).hexdigest()[:10]
+    return os.path.join(data.cache, f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', what)}-{digest}")
+
+
 def load_images(data: DataConfig, split: str, input_context: Optional[tf.distribute.InputContext] = None):
     """(uint8 image, int32 label) pairs of this worker's shard of `split`, cached."""
     builder = _builder(data)
@@ -126,8 +143,8 @@ def load_images(data: DataConfig, split: str, input_context: Optional[tf.distrib
     if data.cache == "memory":
         ds = ds.cache()
     elif data.cache != "none":
-        suffix = f"-{input_context.input_pipeline_id}" if input_context else ""
-        ds = ds.cache(f"{data.cache}{suffix}")
+        os.makedirs(data.cache, exist_ok=True)
+        ds = ds.cache(cache_file(data, builder, split, input_context))
     return ds
 
 
@@ -152,14 +169,6 @@ def augment(images: tf.Tensor, mode: str, seed: tf.Tensor) -> tf.Tensor:
         images = tf.gather(padded, rows, axis=1, batch_dims=1)
         images = tf.gather(images, cols, axis=2, batch_dims=1)
     return images
-
-
-def to_model_input(images: tf.Tensor, image_size: int, dtype="float32") -> tf.Tensor:
-    """uint8 batch -> MobileNetV2 input: bilinear upscale to image_size, scale to [-1, 1]."""
-    images = tf.cast(images, tf.float32)
-    if images.shape[1] != image_size or images.shape[2] != image_size:
-        images = tf.image.resize(images, (image_size, image_size), method="bilinear")
-    return tf.cast(images / 127.5 - 1.0, dtype)
 
 
 def train_dataset(

@@ -1,4 +1,4 @@
-"""Choosing the tf.distribute strategy and the dtype policy; who is the chief.
+"""Choosing the tf.distribute strategy; who is the chief.
 
 One code path serves 1 CPU, N GPUs in one process (MirroredStrategy) and N workers
 (MultiWorkerMirroredStrategy, TF_CONFIG set by Ray Train or by hand).
@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 
-import keras
 import tensorflow as tf
 
 from job.config import TrainConfig
@@ -58,7 +57,7 @@ def make_strategy(train: TrainConfig) -> tf.distribute.Strategy:
         else:
             name = "default"
     if name == "mirrored":
-        # GPU-only branch: NCCL all-reduce by default; on CPUs a plain reduction.
+        # GPUs: NCCL all-reduce (MirroredStrategy's default); logical CPU devices: a plain reduction.
         devices = [d.name for d in gpus] if gpus else cpus
         cross_device = None if gpus else tf.distribute.ReductionToOneDevice()
         return tf.distribute.MirroredStrategy(devices=devices, cross_device_ops=cross_device)
@@ -78,6 +77,3 @@ def worker_index(strategy: tf.distribute.Strategy) -> int:
     resolver = getattr(strategy, "cluster_resolver", None)
     return int(resolver.task_id or 0) if resolver is not None and resolver.task_type else 0
 
-
-def set_precision(precision: str) -> None:
-    keras.mixed_precision.set_global_policy(precision)

@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-import shutil
 import tempfile
 import time
 from typing import Optional
@@ -34,79 +32,46 @@ from ray.train.collective import broadcast_from_rank_zero
 from ray.train.tensorflow import TensorflowTrainer
 
 from job import COMMAND_START
-from job.config import Config, ConfigError, RayConfig
+from job.checkpoints import adopt_checkpoint, checkpoint_step, copy_latest_checkpoint
+from job.config import Config, RayConfig
+from job.errors import ConfigError, JobError
 
 log = logging.getLogger(__name__)
 
 # Set on the driver, needed by the workers wherever Ray starts them (offline data and weights).
 FORWARDED_ENV = ("TFDS_DATA_DIR", "KERAS_HOME", "TF_CPP_MIN_LOG_LEVEL")
-_CKPT = re.compile(r"ckpt-(\d+)$")
 
 
 class ReplicasDiverged(RuntimeError):
     """A worker's weights differ from rank 0's after the same step: the all-reduce is broken."""
 
 
-# --- checkpoint directories ----------------------------------------------------
-def checkpoint_step(directory: str) -> Optional[int]:
-    """Step of the newest TF checkpoint in `directory` (CheckpointManager names them ckpt-<step>)."""
-    import tensorflow as tf
-
-    latest = tf.train.latest_checkpoint(directory) if os.path.isdir(directory) else None
-    match = _CKPT.search(latest or "")
-    return int(match.group(1)) if match else None
-
-
-def copy_latest_checkpoint(source: str, destination: str) -> int:
-    """Copy only the newest checkpoint of `source` (data, index and the `checkpoint` file
-    naming it) into `destination`; returns its step."""
-    import tensorflow as tf
-
-    step = checkpoint_step(source)
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {source}")
-    os.makedirs(destination, exist_ok=True)
-    prefix = os.path.basename(tf.train.latest_checkpoint(source))
-    for name in os.listdir(source):
-        if name.startswith(prefix + "."):
-            shutil.copy2(os.path.join(source, name), destination)
-    # The CheckpointState text proto CheckpointManager reads. A timestamp after
-    # last_preserved_timestamp makes the manager list (and later rotate) this checkpoint.
-    # Written last: a crash before this leaves `destination` pointing at what it had.
-    state = (f'model_checkpoint_path: "{prefix}"\nall_model_checkpoint_paths: "{prefix}"\n'
-             f"all_model_checkpoint_timestamps: {time.time():.3f}\nlast_preserved_timestamp: 0\n")
-    tmp = os.path.join(destination, "checkpoint.tmp")
-    with open(tmp, "w") as f:
-        f.write(state)
-    os.replace(tmp, os.path.join(destination, "checkpoint"))
-    return step
-
-
-def adopt_checkpoint(source: str, checkpoints_dir: str) -> bool:
-    """Make `source`'s newest checkpoint the latest of `checkpoints_dir` unless that one is as new."""
-    theirs, ours = checkpoint_step(source), checkpoint_step(checkpoints_dir)
-    if theirs is None or (ours is not None and ours >= theirs):
-        return False
-    copy_latest_checkpoint(source, checkpoints_dir)
-    return True
-
-
 # --- inside each Ray worker ------------------------------------------------------
 def _report(metrics: dict, checkpoint_dir: Optional[str]) -> None:
-    """job.train's reporter under Ray: every worker calls it at the same step (ray.train.report is a barrier)."""
+    """job.train's reporter under Ray: every worker calls it at the same step (ray.train.report
+    is a barrier), with its own checkpoint directory when a checkpoint was saved at this step.
+
+    Each worker checks its weights against rank 0's and, with a checkpoint, adds
+    `replicas/rank-<k>.json` (its step and weights digest) to it: Ray merges every worker's
+    files into one checkpoint directory, so the replicas' agreement is on record beside the
+    weights (rank 0 alone adds the TF checkpoint).
+    """
     rank = ray.train.get_context().get_world_rank()
     reference = broadcast_from_rank_zero(metrics["weights_sha256"])
     if metrics["weights_sha256"] != reference:
         raise ReplicasDiverged(f"step {metrics['step']}: rank {rank} weights sha256 {metrics['weights_sha256'][:12]} "
                                f"!= rank 0's {reference[:12]}")
-    log.info("rank %d step %d: weights sha256 %s, identical to rank 0", rank, metrics["step"], reference[:16])
-    if checkpoint_dir is None:  # only the chief has one
+    if checkpoint_dir is None:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="ray-report-") as snapshot:
-        step = copy_latest_checkpoint(checkpoint_dir, snapshot)
+        if rank == 0:
+            copy_latest_checkpoint(checkpoint_dir, snapshot)
+        os.makedirs(os.path.join(snapshot, "replicas"))
+        with open(os.path.join(snapshot, "replicas", f"rank-{rank}.json"), "w") as f:
+            json.dump({"rank": rank, "step": metrics["step"], "weights_sha256": metrics["weights_sha256"]}, f)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(snapshot),
-                         checkpoint_dir_name=f"checkpoint_step{step:07d}")
+                         checkpoint_dir_name=f"checkpoint_step{metrics['step']:07d}")
 
 
 def _resume_from_ray(checkpoints_dir: str) -> None:
@@ -195,15 +160,13 @@ def _connect(ray_config: RayConfig) -> bool:
 
 
 def _check_inputs(payload: dict) -> Optional[Exception]:
-    """On a node where workers run: the error of job.inputs.check_inputs, returned (not raised,
+    """On a node where workers run: the error of job.preflight.check_inputs, returned (not raised,
     which Ray would wrap in its own traceback) so the driver raises it as itself."""
-    from job.data import DataError
-    from job.inputs import check_inputs
-    from job.model import WeightsError
+    from job.preflight import check_inputs
 
     try:
         check_inputs(Config.model_validate(payload), "train")
-    except (DataError, WeightsError) as err:
+    except JobError as err:
         return err
     return None
 
@@ -222,17 +185,10 @@ def preflight(config: Config) -> None:
 
 
 def _user_error(err: Exception) -> Exception:
-    """The first worker failure that is bad input (or a non-finite loss), so the CLI reports it as such."""
-    from job.checkpoints import CheckpointNotSaved, NoReadableCheckpoint, WorkdirBusy, WorkdirError
-    from job.data import DataError
-    from job.model import WeightsError
-    from job.train import NonFiniteLoss
-
-    user_errors = (ConfigError, DataError, WeightsError, WorkdirBusy, WorkdirError, CheckpointNotSaved,
-                   NoReadableCheckpoint, NonFiniteLoss)
+    """The first worker failure that is a JobError (bad input, a non-finite loss), so the CLI reports it as such."""
     for failure in getattr(err, "worker_failures", {}).values():
         cause = getattr(failure, "cause", failure)  # Ray may wrap it in a RayTaskError
-        if isinstance(cause, user_errors):
+        if isinstance(cause, JobError):
             return cause
     return err
 
@@ -254,7 +210,7 @@ def _write_summary(workdir: str, summary: dict) -> None:
 
 def train_on_ray(config: Config) -> dict:
     """Train on Ray workers, then export from the final checkpoint; returns the run summary."""
-    from job.serve import export
+    from job.export import export
 
     config = config.model_copy(deep=True)
     config.workdir = os.path.abspath(config.workdir)

@@ -19,6 +19,7 @@ Keras models themselves stay stock, so checkpoints and exports do not depend on 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -27,6 +28,9 @@ import warnings
 
 import h5py
 from etils import epy
+
+from job.config import ModelConfig
+from job.errors import WeightsError
 
 with epy.lazy_imports():
     # Keras (and TensorFlow behind it) loads on first use, so `check_weights_file` runs in
@@ -37,10 +41,6 @@ with epy.lazy_imports():
 log = logging.getLogger(__name__)
 
 WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
-
-
-class WeightsError(RuntimeError):
-    """Backbone weights cannot be found or loaded; one line fit for a user."""
 
 
 @dataclasses.dataclass
@@ -213,33 +213,51 @@ def _load_backbone_weights(backbone: keras.Model, path: str, setting: str) -> No
         log.warning("loading %s: %d warning(s), the first: %s", path, len(caught), caught[0].message)
 
 
-def build_model(image_size: int, alpha: float, weights: str, num_classes: int, dropout: float,
-                fold_batchnorm: bool = True) -> TransferModel:
-    """Build the three models under the current dtype policy and distribution scope."""
-    backbone = keras.applications.MobileNetV2(
-        input_shape=(image_size, image_size, 3), alpha=alpha, include_top=False, weights=None
-    )
-    backbone.alpha = alpha
-    if weights == "imagenet":
-        _load_backbone_weights(backbone, imagenet_weights_file(alpha), weights)
-    elif weights != "none":
-        _load_backbone_weights(backbone, weights, weights)
+@contextlib.contextmanager
+def _dtype_policy(precision: str):
+    """Keras's dtype policy is global: set it for the layers built inside, then put it back."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(precision)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
-    inputs = keras.Input((image_size, image_size, 3), name="image")
-    # BatchNorm keeps its ImageNet statistics while fine-tuning (small-batch statistics would
-    # wreck them). training=False here is not enough: a Keras 3 functional call passes the
-    # outer `training` down to every layer; set_backbone_trainable keeps BN layers frozen.
-    features = keras.layers.GlobalAveragePooling2D(name="pool")(backbone(inputs, training=False))
-    extractor = keras.Model(inputs, features, name="extractor")
 
-    feature_input = keras.Input((features.shape[-1],), name="features")
-    x = keras.layers.Dropout(dropout, name="dropout")(feature_input)
-    # float32 logits even under mixed precision: softmax and loss stay numerically stable.
-    logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(x)
-    head = keras.Model(feature_input, logits, name="head")
+def build_model(model: ModelConfig, num_classes: int, precision: str = "float32",
+                weights: str | None = None) -> TransferModel:
+    """The three models, their layers computing in `precision`'s dtype (variables stay float32).
 
-    classifier = keras.Model(inputs, head(extractor(inputs)), name="classifier")
-    return TransferModel(backbone, extractor, head, classifier, **(fold_plan(backbone) if fold_batchnorm else {}))
+    `weights` overrides model.weights (export and evaluate pass "none": the checkpoint has them all).
+    Built inside the caller's distribution scope, if any.
+    """
+    weights = model.weights if weights is None else weights
+    size = model.image_size
+    with _dtype_policy(precision):
+        backbone = keras.applications.MobileNetV2(input_shape=(size, size, 3), alpha=model.alpha, include_top=False,
+                                                  weights=None)
+        backbone.alpha = model.alpha
+        if weights == "imagenet":
+            _load_backbone_weights(backbone, imagenet_weights_file(model.alpha), weights)
+        elif weights != "none":
+            _load_backbone_weights(backbone, weights, weights)
+
+        inputs = keras.Input((size, size, 3), name="image")
+        # BatchNorm keeps its ImageNet statistics while fine-tuning (small-batch statistics would
+        # wreck them). training=False here is not enough: a Keras 3 functional call passes the
+        # outer `training` down to every layer; set_backbone_trainable keeps BN layers frozen.
+        features = keras.layers.GlobalAveragePooling2D(name="pool")(backbone(inputs, training=False))
+        extractor = keras.Model(inputs, features, name="extractor")
+
+        feature_input = keras.Input((features.shape[-1],), name="features")
+        x = keras.layers.Dropout(model.dropout, name="dropout")(feature_input)
+        # float32 logits even under mixed precision: softmax and loss stay numerically stable.
+        logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(x)
+        head = keras.Model(feature_input, logits, name="head")
+
+        classifier = keras.Model(inputs, head(extractor(inputs)), name="classifier")
+    return TransferModel(backbone, extractor, head, classifier,
+                         **(fold_plan(backbone) if model.fold_batchnorm else {}))
 
 
 def set_backbone_trainable(model: TransferModel, unfreeze) -> None:
@@ -259,20 +277,3 @@ def set_backbone_trainable(model: TransferModel, unfreeze) -> None:
         # would follow each worker's own batches and MultiWorkerMirrored replicas would diverge.
         layer.trainable = index >= first and not isinstance(layer, keras.layers.BatchNormalization)
 
-
-def serving_model(model: TransferModel, image_size: int) -> keras.Model:
-    """Raw uint8 images of any size in, class probabilities out.
-
-    Freezes `model`: a frozen BatchNorm runs in inference mode whatever `training` value
-    Keras passes down the nested graphs (seen: an unfrozen one here used batch statistics).
-    """
-    set_backbone_trainable(model, False)
-    raw = keras.Input((None, None, 3), dtype="uint8", name="raw_image")
-    # Scale first: it turns uint8 into float32. Resizing uint8 directly rounds to whole pixel
-    # levels once the model is reloaded from .keras. (Bilinear resizing commutes with the scaling.)
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="scale")(raw)
-    x = keras.layers.Resizing(image_size, image_size, interpolation="bilinear", name="resize")(x)
-    # training=False recorded in the graph: otherwise a caller's default training=None lets the
-    # nested head resolve dropout as active (seen with Keras 3.15: two calls, two answers).
-    probabilities = keras.layers.Softmax(dtype="float32", name="probabilities")(model.classifier(x, training=False))
-    return keras.Model(raw, probabilities, name="serving")

@@ -52,17 +52,48 @@ class Throughput:
 
 
 class ProfilerWindow:
-    """Traces train steps [start, stop) of one phase into `logdir` for TensorBoard's Profile tab."""
+    """Traces train steps [start, stop) of one phase into `logdir` for TensorBoard's Profile tab.
+
+    Each step in the window runs as its own loop-free call (StepFunctions.train_step) under its
+    own step marker: when a TF while loop runs inside the window (the multi-step chunk's
+    `tf.range`), the profiler groups events by the loop's iterations and ignores the markers,
+    and the overview page and the input-pipeline analyzer then show no step time. The step
+    before the window also runs alone, untraced, so that the single-step function's tracing
+    and first run stay out of the trace. The train loop ends its chunks there, so the window
+    is reached whatever train.steps_per_call is.
+    """
 
     def __init__(self, logdir: Optional[str], steps: Optional[tuple[int, int]]):
         self._logdir, self._steps = logdir, steps
         self.active = False
         self.traced = False
 
-    def before(self, step: int) -> None:
-        if self._logdir and self._steps and not self.active and not self.traced and self._steps[0] <= step < self._steps[1]:
+    def _first(self) -> Optional[int]:
+        """The first step run alone (the warm-up step, or the window's start at step 0)."""
+        if not self._logdir or not self._steps or self.traced:
+            return None
+        return max(self._steps[0] - 1, 0)
+
+    def covers(self, step: int) -> bool:
+        """Whether `step` runs alone: in the window or its warm-up step."""
+        first = self._first()
+        return first is not None and first <= step < self._steps[1]
+
+    def next_start(self, step: int) -> Optional[int]:
+        """Where chunks must end to reach the window, if it is still ahead of `step`."""
+        first = self._first()
+        return first if first is not None and step < first else None
+
+    def run_step(self, step: int, step_number: int, run_step):
+        """run_step() for phase step `step`; inside the window under the profiler, marked as
+        step `step_number` (the markers the overview page and the input-pipeline analyzer key on)."""
+        if step < self._steps[0]:
+            return run_step()  # warm-up: traced by tf.function and run once, outside the trace
+        if not self.active:
             tf.profiler.experimental.start(self._logdir)
             self.active = True
+        with tf.profiler.experimental.Trace("train", step_num=step_number, _r=1):
+            return run_step()
 
     def after(self, step: int) -> None:
         if self.active and step >= self._steps[1]:
@@ -73,9 +104,33 @@ class ProfilerWindow:
             tf.profiler.experimental.stop()
             self.active, self.traced = False, True
 
-    def trace(self, step: int):
-        """Step marker: the Profile tab's step-time breakdown keys on these."""
-        return tf.profiler.experimental.Trace("train", step_num=step, _r=1)
+
+def unreachable_window(steps: Optional[tuple[int, int]], phase: str, phase_steps: int) -> Optional[str]:
+    """Why telemetry.profile_steps will never trace in `phase`, or None."""
+    if steps is not None and steps[0] >= phase_steps:
+        return (f"telemetry.profile_steps={list(steps)} starts after the last step of phase {phase} "
+                f"({phase_steps} steps): nothing will be traced")
+    return None
+
+
+class History:
+    """Validation results of a run and the first time each accuracy threshold was crossed."""
+
+    def __init__(self, thresholds: list[float], previous: dict):
+        self.thresholds = thresholds
+        self.rows: list[dict] = list(previous.get("validation_history", []))
+        self.time_to_accuracy: list[dict] = list(previous.get("time_to_accuracy", []))
+
+    def record(self, row: dict) -> list[dict]:
+        """Add a validation row (phase, step, val_accuracy, wall_seconds, images_seen...); returns
+        the time-to-accuracy entries it adds."""
+        self.rows.append(row)
+        reached = {r["threshold"] for r in self.time_to_accuracy}
+        new = [{"threshold": t, "wall_seconds": row["wall_seconds"], "images_seen": row["images_seen"],
+                "step": row["step"], "phase": row["phase"]}
+               for t in self.thresholds if t not in reached and row["val_accuracy"] >= t]
+        self.time_to_accuracy += new
+        return new
 
 
 def progress(phase: str, total: int, initial: int, enabled: bool) -> tqdm:

@@ -2,22 +2,22 @@
 
 Phase `head` trains a new classifier on the frozen backbone (on cached features when that
 is exactly equivalent); phase `finetune` unfreezes the backbone, or its top layers, at a
-low learning rate with warmup and cosine decay. Both run the same custom distributed step
-(`tf.function` + `strategy.run`), because Keras 3 `fit` breaks under
-MultiWorkerMirroredStrategy. The global step lives in the checkpoint, so rerunning the
-same command resumes at the right phase, step and batch.
+low learning rate with warmup and cosine decay. Both run the same distributed step
+(job.step). The global step lives in the checkpoint, so rerunning the same command resumes
+at the right phase, step and batch.
+
+`Run` is what every process builds before it writes anything (strategy, data sizes, model,
+optimizers); `Trainer` runs a phase in chunks of steps and fires the periodic work (log,
+checkpoint, validate, report) after each chunk; `train_and_evaluate` is the recipe.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
-import signal
 import time
 from typing import Callable, Optional
 
@@ -27,33 +27,28 @@ import tensorflow as tf
 
 from job import COMMAND_START
 from job import data as data_lib
+from job import features as features_lib
 from job.checkpoints import Checkpoints, claim_workdir
-from job.config import Config, ConfigError, PhaseConfig, dump_config
-from job.distribute import is_chief, make_strategy, set_precision, worker_index
+from job.config import Config, ConfigError, dump_config
+from job.distribute import is_chief, make_strategy, worker_index
+from job.errors import NonFiniteLoss, Preempted
 from job.model import TransferModel, build_model, set_backbone_trainable
-from job.telemetry import ProfilerWindow, Scalars, Throughput, progress
+from job.periodic import Every, chunk_length
+from job.preemption import StopRequests
+from job.preprocess import to_model_input
+from job.step import (CORRECT, LOSS, SKIPPED, STOP, Phase, StepFunctions, global_batch_size, learning_rate_scale,
+                      make_optimizer)
+from job.telemetry import History, ProfilerWindow, Scalars, Throughput, progress, unreachable_window
 
 log = logging.getLogger(__name__)
 
-# Feature extraction is inference only: batches of at least this many images.
-EXTRACT_BATCH = 256
 # A head step on cached features is a small matmul, far cheaper than a host round trip:
 # at least this many of them per tf.function call (calls still end at each validation).
 CACHED_STEPS_PER_CALL = 100
-# Per replica, when evaluating cached features.
-FEATURE_EVAL_BATCH = 1024
 
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or inf; the run stops without overwriting good checkpoints."""
-
-
-class Preempted(Exception):
-    """SIGTERM/SIGINT arrived; a checkpoint was saved at the step boundary."""
-
-
-# A hook called on every worker at each epoch end, after validation if any:
-# (metrics, checkpoint_dir on the chief or None). job.launch builds Ray's on it.
+# Called on every worker at each validation point (each epoch by default): (metrics, the
+# worker's checkpoint directory if a checkpoint was saved at this step, else None).
+# job.launch builds Ray's reporting on it.
 Reporter = Callable[[dict, Optional[str]], None]
 
 
@@ -63,18 +58,6 @@ def weights_digest(model: keras.Model) -> str:
     for weight in model.weights:
         digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
     return digest.hexdigest()
-
-
-@dataclasses.dataclass(frozen=True)
-class Phase:
-    name: str
-    config: PhaseConfig
-    first_step: int  # global step at which the phase starts
-    steps: int
-
-    @property
-    def end(self) -> int:
-        return self.first_step + self.steps
 
 
 def plan_phases(config: Config, steps_per_epoch: int) -> list[Phase]:
@@ -87,170 +70,19 @@ def plan_phases(config: Config, steps_per_epoch: int) -> list[Phase]:
     return phases
 
 
-def global_batch_size(config: Config, replicas: int) -> int:
-    train = config.train
-    if train.per_replica_batch_size:
-        return train.per_replica_batch_size * replicas
-    if train.batch_size % replicas:
-        raise ConfigError(
-            f"train.batch_size={train.batch_size}: must be divisible by the {replicas} replicas in sync "
-            "(or set train.per_replica_batch_size)"
-        )
-    return train.batch_size
-
-
-def make_optimizer(phase: Phase, steps_per_epoch: int, lr_scale: float, precision: str):
-    cfg = phase.config
-    peak = cfg.learning_rate * lr_scale
-    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), max(phase.steps - 1, 0))
-    schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if warmup else peak,
-        decay_steps=max(phase.steps - warmup, 1),
-        warmup_target=peak if warmup else None,
-        warmup_steps=warmup,
-    )
-    if cfg.optimizer == "sgd":
-        optimizer = keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, name=f"{phase.name}_sgd")
-    elif cfg.optimizer == "adamw":
-        optimizer = keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, name=f"{phase.name}_adamw")
-    else:
-        optimizer = keras.optimizers.Adam(schedule, name=f"{phase.name}_adam")
-    if precision == "mixed_float16":
-        # float16 gradients underflow without it; bfloat16 has float32's range and needs none.
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer, name=f"{phase.name}_loss_scale")
-    return optimizer
-
-
-def _agree_on_finite(grads):
-    """Make every replica see non-finite gradients if any replica has them.
-
-    LossScaleOptimizer decides to skip a step from its own replica's gradients; replicas
-    that disagree would run different collectives and hang. Returns (grads, skipped).
-    """
-    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
-    # ReduceOp has only SUM and MEAN: count the replicas with non-finite gradients.
-    non_finite = tf.distribute.get_replica_context().all_reduce(
-        tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32)
-    )
-    # Every replica returns its share, so the SUM over replicas counts a skipped step once.
-    skipped = tf.cast(non_finite > 0, tf.float32) / tf.distribute.get_replica_context().num_replicas_in_sync
-    poison = tf.where(non_finite > 0, float("nan"), 0.0)
-    return [g + tf.cast(poison, g.dtype) for g in grads], skipped
-
-
-class StepFunctions:
-    """The distributed train and eval steps for `forward(inputs, training) -> logits`
-    (the whole model on images, or the head alone on cached features)."""
-
-    def __init__(self, strategy, forward, variables: list, optimizer, preprocess, global_batch: int,
-                 label_smoothing: float, step_counter: tf.Variable, jit_compile: bool):
-        self.strategy, self.forward, self.optimizer = strategy, forward, optimizer
-        self.preprocess, self.global_batch = preprocess, global_batch
-        self.label_smoothing, self.step_counter = label_smoothing, step_counter
-        self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-        self.variables = variables
-        # XLA compiles the forward and backward pass; the optimizer update, with its
-        # cross-replica all-reduce, stays outside the cluster.
-        self._gradients = tf.function(self._compute_gradients, jit_compile=jit_compile, reduce_retracing=True)
-        self.train_chunk = tf.function(self._train_chunk)
-        self.eval_batch = tf.function(self._eval_batch)
-
-    def _per_example_loss(self, labels, logits):
-        one_hot = tf.one_hot(labels, tf.shape(logits)[-1])
-        return keras.losses.categorical_crossentropy(
-            one_hot, logits, from_logits=True, label_smoothing=self.label_smoothing
-        )
-
-    def _compute_gradients(self, inputs, labels):
-        inputs = self.preprocess(inputs)
-        with tf.GradientTape() as tape:
-            logits = self.forward(inputs, training=True)
-            # Averaged over the global batch: summed across replicas it is the global mean.
-            loss = tf.nn.compute_average_loss(self._per_example_loss(labels, logits), global_batch_size=self.global_batch)
-            scaled = self.optimizer.scale_loss(loss) if self.loss_scaled else loss
-        grads = tape.gradient(scaled, self.variables)
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
-        return grads, loss, correct
-
-    def _replica_step(self, inputs, labels):
-        grads, loss, correct = self._gradients(inputs, labels)
-        skipped = tf.constant(0.0)
-        if self.loss_scaled:
-            grads, skipped = _agree_on_finite(grads)
-            # A skipped step's loss is often inf/NaN: keep it out of the logged mean.
-            loss = tf.where(skipped > 0, tf.zeros_like(loss), loss)
-        self.optimizer.apply(grads, self.variables)
-        return loss, correct, skipped
-
-    def _train_chunk(self, iterator, steps):
-        """`steps` train steps in one call: fewer host round trips per step."""
-        total = tf.zeros([3])
-        for _ in tf.range(steps):
-            inputs, labels = next(iterator)
-            per_replica = self.strategy.run(self._replica_step, args=(inputs, labels))
-            total += tf.stack([self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in per_replica])
-        self.step_counter.assign_add(tf.cast(steps, tf.int64))
-        return total  # [sum of mean losses, correct predictions, skipped steps]
-
-    def _replica_eval(self, inputs, labels):
-        logits = self.forward(self.preprocess(inputs), training=False)
-        predicted = tf.argmax(logits, -1, output_type=tf.int32)
-        return (
-            tf.reduce_sum(self._per_example_loss(labels, logits)),
-            tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.float32)),
-            tf.cast(tf.shape(labels)[0], tf.float32),
-        )
-
-    def _eval_batch(self, inputs, labels):
-        per_replica = self.strategy.run(self._replica_eval, args=(inputs, labels))
-        return tf.stack([self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in per_replica])
-
-    def evaluate(self, dist_dataset) -> dict:
-        total = np.zeros(3)
-        for inputs, labels in dist_dataset:
-            total += self.eval_batch(inputs, labels).numpy()
-        loss_sum, correct, count = total
-        return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1), "examples": int(count)}
-
-
-class _StopSignals:
-    """Turns SIGTERM/SIGINT into a flag checked at step boundaries (main thread only)."""
-
-    def __init__(self):
-        self.received: Optional[int] = None
-        self._previous = {}
-
-    def __enter__(self):
-        try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread (e.g. inside a Ray worker): Ray handles it
-            pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 class Run:
-    """State of one train_and_evaluate call: strategy, model, data, checkpoints, telemetry."""
+    """What every process builds before it trains, writing nothing: the strategy, the data
+    sizes and phases, the model, the optimizers and the global step."""
 
-    def __init__(self, config: Config, workdir: str, reporter: Optional[Reporter]):
-        self.config, self.workdir, self.reporter = config, workdir, reporter
+    def __init__(self, config: Config):
+        self.config = config
         self.strategy = make_strategy(config.train)
-        set_precision(config.train.precision)
         self.chief = is_chief(self.strategy)
         self.replicas = self.strategy.num_replicas_in_sync
-        self.global_batch = global_batch_size(config, self.replicas)
-        self.lr_scale = self.global_batch / config.train.base_batch_size if config.train.lr_scaling == "linear" else 1.0
+        self.global_batch = global_batch_size(config.train, self.replicas)
 
         data = config.data
-        splits = [data.train_split] + ([data.val_split] if data.val_split else [])
-        self.info = data_lib.dataset_info(data, splits)
+        self.info = data_lib.dataset_info(data, [data.train_split] + ([data.val_split] if data.val_split else []))
         train_size = self.info.split_sizes[data.train_split]
         self.steps_per_epoch = train_size // self.global_batch
         if self.steps_per_epoch == 0:
@@ -260,35 +92,27 @@ class Run:
 
         # Same initial head (and, with weights=none, backbone) on every run and worker.
         keras.utils.set_random_seed(config.train.seed)
+        lr_scale = learning_rate_scale(config.train, self.global_batch)
         with self.strategy.scope():
-            m = config.model
-            self.model: TransferModel = build_model(m.image_size, m.alpha, m.weights, self.info.num_classes, m.dropout,
-                                                          m.fold_batchnorm)
+            self.model: TransferModel = build_model(config.model, self.info.num_classes, config.train.precision)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
                                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             self.optimizers = {}
             for phase in self.phases:
-                optimizer = make_optimizer(phase, self.steps_per_epoch, self.lr_scale, config.train.precision)
+                optimizer = make_optimizer(phase, self.steps_per_epoch, lr_scale, config.train.precision)
                 # Built now so a restore fills its slots immediately rather than lazily.
-                optimizer.build(self._trainable(phase))
+                optimizer.build(self.trainable(phase))
                 self.optimizers[phase.name] = optimizer
-        # Settings, data and weights are good: only now is the workdir created (and locked).
-        self.lock = claim_workdir(workdir, self.chief)
-        checkpoint = tf.train.Checkpoint(model=self.model.classifier, step=self.step, **self.optimizers)
-        self.checkpoints = Checkpoints(checkpoint, os.path.join(workdir, "checkpoints"), config.checkpoint.keep, self.chief)
-        tb_dir = os.path.join(workdir, "tensorboard")
-        self.scalars = Scalars(tb_dir if self.chief else None)
-        profile_all = config.telemetry.profile_all_workers
-        # Under <tensorboard>/<run>/plugins/profile, so the Profile tab lists it as that run.
-        self.profile_dir = os.path.join(tb_dir, "train") if self.chief else (
-            os.path.join(tb_dir, f"worker_{worker_index(self.strategy)}") if profile_all else None)
-        self.summary_path = os.path.join(workdir, "summary.json")
-        self.time_to_accuracy = self._load_summary().get("time_to_accuracy", [])
-        self.history: list[dict] = []
-        self._extract = None  # the traced feature-extraction step, built on first use
+        self._extract = features_lib.FeatureExtractor(self.strategy, self.model.features, self.preprocess)
 
-    # --- phases -----------------------------------------------------------------
-    def _trainable(self, phase: Phase) -> list:
+    @property
+    def global_step(self) -> int:
+        return int(self.step.numpy())
+
+    def checkpoint(self) -> tf.train.Checkpoint:
+        return tf.train.Checkpoint(model=self.model.classifier, step=self.step, **self.optimizers)
+
+    def trainable(self, phase: Phase) -> list:
         if phase.name == "head":
             set_backbone_trainable(self.model, False)
             return self.model.head.trainable_variables
@@ -304,225 +128,224 @@ class Run:
         per_call = self.config.train.steps_per_call
         return max(per_call, CACHED_STEPS_PER_CALL) if self.use_feature_cache(phase) else per_call
 
-    def _device_preprocess(self):
+    def preprocess(self, images):
+        """What the step does to a batch before the model: resize and scale when data.resize_on=device."""
         if self.config.data.resize_on == "device":
-            size = self.config.model.image_size
-            return lambda images: data_lib.to_model_input(images, size)
-        return lambda images: images
+            return to_model_input(images, self.config.model.image_size)
+        return images
 
-    # --- data -------------------------------------------------------------------
-    def _distribute(self, make_dataset):
+    def step_functions(self, phase: Phase) -> StepFunctions:
+        """The steps of `phase`: the head alone on cached features, else the whole classifier."""
+        cached = self.use_feature_cache(phase)
+        forward = self.model.head if cached else self.model.logits
+        return StepFunctions(self.strategy, forward, self.trainable(phase), self.optimizers[phase.name],
+                             (lambda x: x) if cached else self.preprocess, self.global_batch,
+                             self.config.train.label_smoothing, self.step, self.config.train.jit_compile)
+
+    # --- data ----------------------------------------------------------------------
+    def distribute(self, make_dataset):
         """make_dataset(per_replica_batch, input_context) -> tf.data.Dataset, per input pipeline."""
         return self.strategy.distribute_datasets_from_function(
-            lambda ctx: make_dataset(ctx.get_per_replica_batch_size(self.global_batch), ctx)
-        )
+            lambda ctx: make_dataset(ctx.get_per_replica_batch_size(self.global_batch), ctx))
 
     @staticmethod
     def _skip_batches(phase_step: int, ctx: tf.distribute.InputContext) -> int:
         # Each input pipeline hands one per-replica batch to each of its local replicas per step.
         return phase_step * (ctx.num_replicas_in_sync // ctx.num_input_pipelines)
 
-    def image_datasets(self, phase: Phase, phase_step: int):
+    def datasets(self, phase: Phase, phase_step: int):
+        """(train, val) distributed datasets of `phase` from `phase_step` on: cached features or images."""
         d, m, seed = self.config.data, self.config.model, self.config.train.seed
+        if self.use_feature_cache(phase):
+            started = time.perf_counter()
+            train = self._extract(d, d.train_split, m.image_size, self.global_batch)
+            val = self._extract(d, d.val_split, m.image_size, self.global_batch) if d.val_split else None
+            log.info("cached backbone features of %d training images in %.1fs", int(train[1].shape[0]),
+                     time.perf_counter() - started)
+            train_data = self.distribute(lambda b, ctx: features_lib.train_dataset(
+                *train, b, d.shuffle_buffer, seed, self._skip_batches(phase_step, ctx)))
+            val_data = self.strategy.distribute_datasets_from_function(
+                lambda ctx: features_lib.eval_dataset(*val)) if val else None
+            return train_data, val_data
         augment = self.config.augment_for(phase.name)
-        train = self._distribute(lambda b, ctx: data_lib.train_dataset(
+        train_data = self.distribute(lambda b, ctx: data_lib.train_dataset(
             d, d.train_split, b, m.image_size, seed, self._skip_batches(phase_step, ctx), ctx, augment))
-        val = self._distribute(lambda b, ctx: data_lib.eval_dataset(d, d.val_split, b, m.image_size, ctx)) if d.val_split else None
-        return train, val
+        val_data = self.distribute(
+            lambda b, ctx: data_lib.eval_dataset(d, d.val_split, b, m.image_size, ctx)) if d.val_split else None
+        return train_data, val_data
 
-    def _extract_features(self, split: str):
-        """Pooled backbone features of this worker's shard of `split`, computed once."""
-        d, size = self.config.data, self.config.model.image_size
-        # Inference only, so batches larger than training's are cheap in memory and amortise
-        # per-call overhead; a multiple of the replica count so every replica gets the same share.
-        batch = self.replicas * max(self.global_batch // self.replicas, EXTRACT_BATCH // self.replicas, 1)
-        dataset = self.strategy.distribute_datasets_from_function(
-            lambda ctx: data_lib.eval_dataset(d, split, ctx.get_per_replica_batch_size(batch), size, ctx))
-        if self._extract is None:
-            preprocess, features = self._device_preprocess(), self.model.features
-            self._extract = tf.function(lambda images, labels: self.strategy.run(
-                lambda x, y: (features(preprocess(x)), y), args=(images, labels)))
-            # Traced once, for any batch size (the element spec's batch dimension is None):
-            # every split and its partial last batch reuse it. A trace costs a second or so.
-            self._extract.get_concrete_function(*dataset.element_spec)
 
-        features, labels = [], []
-        for images, batch_labels in dataset:
-            f, y = self._extract(images, batch_labels)
-            features += [tf.cast(t, tf.float32) for t in self.strategy.experimental_local_results(f)]
-            labels += list(self.strategy.experimental_local_results(y))
-        return tf.concat(features, 0), tf.concat(labels, 0)
+class TrainWindow:
+    """Step totals since the last log line."""
 
-    def feature_datasets(self, phase_step: int):
-        d, seed = self.config.data, self.config.train.seed
-        started = time.perf_counter()
-        train_features = self._extract_features(d.train_split)
-        val_features = self._extract_features(d.val_split) if d.val_split else None
-        log.info("cached backbone features of %d training images in %.1fs",
-                 int(train_features[0].shape[0]), time.perf_counter() - started)
+    def __init__(self):
+        self.totals, self.steps, self.meter = np.zeros(4), 0, Throughput()
 
-        def train_fn(batch, ctx):
-            # Shuffle indices, not 5 KB feature rows, and gather a whole batch at once. Same
-            # seed, buffer and count as the image pipeline, so the same order as images.
-            count = int(train_features[1].shape[0])
-            ds = tf.data.Dataset.range(count).shuffle(d.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-            ds = ds.batch(batch, drop_remainder=True).skip(self._skip_batches(phase_step, ctx))
-            ds = ds.map(lambda index: (tf.gather(train_features[0], index), tf.gather(train_features[1], index)),
-                        num_parallel_calls=data_lib.AUTOTUNE)
-            return data_lib.without_autotune_model(ds.prefetch(data_lib.AUTOTUNE))
+    def add(self, totals: np.ndarray, steps: int) -> None:
+        self.totals += totals
+        self.steps += steps
+        self.meter.add(steps)
 
-        train = self._distribute(train_fn)
-        # Evaluating cached features is a matmul: one large batch per replica, not many small ones.
-        val = self.strategy.distribute_datasets_from_function(
-            lambda ctx: tf.data.Dataset.from_tensor_slices(val_features).batch(FEATURE_EVAL_BATCH)) if val_features else None
-        return train, val
+    def scalars(self, phase: str, global_batch: int) -> tuple[dict, float]:
+        """The window's TensorBoard scalars and its count of skipped steps; starts a new window."""
+        rate, step_ms = self.meter.read(global_batch)
+        skipped = self.totals[SKIPPED]
+        values = {f"{phase}/loss": self.totals[LOSS] / max(self.steps - skipped, 1),
+                  f"{phase}/accuracy": self.totals[CORRECT] / (self.steps * global_batch),
+                  f"{phase}/images_per_sec": rate, f"{phase}/step_time_ms": step_ms}
+        self.totals, self.steps = np.zeros(4), 0
+        return values, skipped
 
-    def phase_datasets(self, phase: Phase, phase_step: int):
-        """(train, val) distributed datasets of `phase`: cached features or images."""
-        return self.feature_datasets(phase_step) if self.use_feature_cache(phase) else self.image_datasets(phase, phase_step)
 
-    def step_functions(self, phase: Phase) -> StepFunctions:
-        """The steps of `phase`: the head alone on cached features, else the whole classifier."""
-        cached = self.use_feature_cache(phase)
-        variables = self._trainable(phase)
-        forward = self.model.head if cached else self.model.logits
-        preprocess = (lambda x: x) if cached else self._device_preprocess()
-        return StepFunctions(self.strategy, forward, variables, self.optimizers[phase.name], preprocess, self.global_batch,
-                             self.config.train.label_smoothing, self.step, self.config.train.jit_compile)
+class Trainer:
+    """One process's training: a `Run` plus the workdir's checkpoints, TensorBoard files,
+    validation history and stop requests. Only the chief writes shared files."""
 
-    # --- bookkeeping ----------------------------------------------------------------
-    def _load_summary(self) -> dict:
+    def __init__(self, run: Run, workdir: str, checkpoints: Checkpoints, stop: StopRequests,
+                 reporter: Optional[Reporter] = None):
+        self.run, self.workdir, self.checkpoints, self.stop, self.reporter = run, workdir, checkpoints, stop, reporter
+        tel = run.config.telemetry
+        tb_dir = os.path.join(workdir, "tensorboard")
+        self.scalars = Scalars(tb_dir if run.chief else None)
+        # Under <tensorboard>/<run>/plugins/profile, so the Profile tab lists it as that run.
+        self.profile_dir = os.path.join(tb_dir, "train") if run.chief else (
+            os.path.join(tb_dir, f"worker_{worker_index(run.strategy)}") if tel.profile_all_workers else None)
+        self.summary_path = os.path.join(workdir, "summary.json")
+        self.history = History(tel.accuracy_thresholds, self._previous_summary())
+
+    def _previous_summary(self) -> dict:
         try:
             with open(self.summary_path) as f:
                 return json.load(f)
         except (OSError, ValueError):
             return {}
 
-    def _record_validation(self, phase: Phase, metrics: dict) -> None:
-        step = int(self.step.numpy())
-        elapsed = time.time() - COMMAND_START
-        images_seen = step * self.global_batch
-        row = {"phase": phase.name, "step": step, "epoch": round((step - phase.first_step) / self.steps_per_epoch, 3),
-               "val_accuracy": metrics["accuracy"], "val_loss": metrics["loss"],
-               "wall_seconds": round(elapsed, 1), "images_seen": images_seen}
-        self.history.append(row)
-        self.scalars.write("validation", step, {f"{phase.name}/accuracy": metrics["accuracy"], f"{phase.name}/loss": metrics["loss"]})
-        reached = {r["threshold"] for r in self.time_to_accuracy}
-        for threshold in self.config.telemetry.accuracy_thresholds:
-            if threshold not in reached and metrics["accuracy"] >= threshold:
-                self.time_to_accuracy.append({"threshold": threshold, "wall_seconds": round(elapsed, 1),
-                                              "images_seen": images_seen, "step": step, "phase": phase.name})
-                self.scalars.write("validation", step, {f"time_to_accuracy/{int(threshold * 100)}pct_seconds": elapsed,
-                                                        f"time_to_accuracy/{int(threshold * 100)}pct_images": images_seen})
-        self.scalars.flush()
-        if self.chief:
-            log.info("validation %s step %d: accuracy %.4f loss %.4f (%.0fs since start)",
-                     phase.name, step, metrics["accuracy"], metrics["loss"], elapsed)
-
-    def _save(self, phase: Phase) -> Optional[str]:
-        # A finite loss can come with an update that overflowed: never checkpoint such weights.
-        if not all(np.isfinite(keras.ops.convert_to_numpy(w)).all() for w in self.model.classifier.trainable_weights):
-            raise NonFiniteLoss(f"non-finite weights in phase {phase.name} after step {int(self.step.numpy())}; "
-                                f"stopped without saving, last good checkpoint: {self.checkpoints.latest or 'none'}")
-        path = self.checkpoints.save(int(self.step.numpy()))
-        return path if self.chief else None
-
-    # --- the loop ---------------------------------------------------------------
-    def run_phase(self, phase: Phase, stop: _StopSignals) -> None:
-        cfg, tel = self.config, self.config.telemetry
-        phase_step = int(self.step.numpy()) - phase.first_step
-        cached = self.use_feature_cache(phase)
-        steps = self.step_functions(phase)
-        train_data, val_data = self.phase_datasets(phase, phase_step)
+    # --- one phase -------------------------------------------------------------------
+    def run_phase(self, phase: Phase) -> None:
+        run, tel = self.run, self.run.config.telemetry
+        position = run.global_step - phase.first_step
+        cached = run.use_feature_cache(phase)
+        steps = run.step_functions(phase)
+        train_data, val_data = run.datasets(phase, position)
         iterator = iter(train_data)
         profiler = ProfilerWindow(self.profile_dir if tel.profile_phase == phase.name else None, tel.profile_steps)
-        meter, bar = Throughput(), progress(phase.name, phase.steps, phase_step, self.chief and tel.progress_bar)
-        log.info("phase %s: steps %d..%d (%d per epoch), global batch %d, %d replicas, %s%s", phase.name, phase_step,
-                 phase.steps, self.steps_per_epoch, self.global_batch, self.replicas,
-                 "cached features" if cached else f"images at {cfg.model.image_size}px", "" if phase_step == 0 else " (resumed)")
-        eval_every = max(1, int(round(tel.eval_every_epochs * self.steps_per_epoch)))
-        per_call = self.steps_per_call(phase)
-        window = np.zeros(3)
-        window_steps = 0
+        log_every, eval_every = Every(tel.log_every_steps), Every(max(1, round(tel.eval_every_epochs * run.steps_per_epoch)))
+        save_every = Every(run.config.checkpoint.every_steps, origin=-phase.first_step)  # global steps
+        per_call, window = run.steps_per_call(phase), TrainWindow()
+        bar = progress(phase.name, phase.steps, position, run.chief and tel.progress_bar)
+        log.info("phase %s: steps %d..%d (%d per epoch), global batch %d, %d replicas, %s%s", phase.name, position,
+                 phase.steps, run.steps_per_epoch, run.global_batch, run.replicas,
+                 "cached features" if cached else f"images at {run.config.model.image_size}px",
+                 "" if position == 0 else " (resumed)")
         try:
-            while phase_step < phase.steps:
-                to_eval = eval_every - phase_step % eval_every
-                n = min(per_call, to_eval, phase.steps - phase_step)
-                profiler.before(phase_step)
-                with profiler.trace(int(self.step.numpy())) if profiler.active else contextlib.nullcontext():
-                    totals = steps.train_chunk(iterator, tf.constant(n)).numpy()
-                before, phase_step = phase_step, phase_step + n
-                profiler.after(phase_step)
-                meter.add(n)
+            while position < phase.steps:
+                stop_vote = tf.constant(float(self.stop.requested()))
+                if profiler.covers(position):
+                    n = 1
+                    totals = profiler.run_step(position, run.global_step,
+                                               lambda: steps.train_step(iterator, stop_vote).numpy())
+                else:
+                    n = chunk_length(position, phase.steps, per_call,
+                                     [eval_every.next_after(position), profiler.next_start(position)])
+                    totals = steps.train_chunk(iterator, tf.constant(n), stop_vote).numpy()
+                before, position = position, position + n
+                profiler.after(position)
                 bar.update(n)
-                window += totals
-                window_steps += n
-                # Steps the loss scaler skipped count their loss as 0 (and are counted below): a
-                # non-finite sum means a step whose update was applied diverged.
-                if not math.isfinite(totals[0]):
-                    raise NonFiniteLoss(
-                        f"non-finite loss in phase {phase.name} at step {int(self.step.numpy())}; stopped without saving, "
-                        f"last good checkpoint: {self.checkpoints.latest or 'none'}")
-                if phase_step // tel.log_every_steps > before // tel.log_every_steps or phase_step == phase.steps:
-                    rate, step_ms = meter.read(self.global_batch)
-                    lr = float(keras.ops.convert_to_numpy(steps.optimizer.learning_rate))
-                    skipped = window[2]
-                    scalars = {f"{phase.name}/loss": window[0] / max(window_steps - skipped, 1),
-                               f"{phase.name}/accuracy": window[1] / (window_steps * self.global_batch),
-                               f"{phase.name}/learning_rate": lr, f"{phase.name}/images_per_sec": rate,
-                               f"{phase.name}/step_time_ms": step_ms}
-                    if steps.loss_scaled:
-                        scalars[f"{phase.name}/loss_scale"] = float(steps.optimizer.dynamic_scale.numpy())
-                        scalars[f"{phase.name}/skipped_steps"] = skipped
-                        if skipped and self.chief:
-                            log.warning("phase %s: %d of steps %d..%d skipped by the loss scaler (non-finite gradients); "
-                                        "loss scale now %g", phase.name, skipped, int(self.step.numpy()) - window_steps + 1,
-                                        int(self.step.numpy()), scalars[f"{phase.name}/loss_scale"])
-                    self.scalars.write("train", int(self.step.numpy()), scalars)
-                    bar.set_postfix(loss=f"{scalars[f'{phase.name}/loss']:.3f}", img_s=f"{rate:.0f}", refresh=False)
-                    window, window_steps = np.zeros(3), 0
-                eval_due = phase_step % eval_every == 0 or phase_step == phase.steps
-                checkpoint_due = self.step.numpy() // cfg.checkpoint.every_steps > (self.step.numpy() - n) // cfg.checkpoint.every_steps
+                window.add(totals, n)
+                end = position == phase.steps
+                # Steps the loss scaler skipped count their loss as 0: a non-finite sum means a
+                # step whose update was applied diverged.
+                if not math.isfinite(totals[LOSS]):
+                    raise NonFiniteLoss(f"non-finite loss in phase {phase.name} at step {run.global_step}; stopped "
+                                        f"without saving, last good checkpoint: {self.checkpoints.latest or 'none'}")
+                if log_every.due(before, position) or end:
+                    self._log(phase, steps, window, bar)
+                eval_due = eval_every.due(before, position) or end
                 # Each validation checkpoints too, except on cached features: there an epoch takes
                 # less time than a save, and resuming re-extracts the features anyway.
-                saved = eval_due and not cached or checkpoint_due or stop.received or phase_step == phase.steps
-                if saved:
-                    path = self._save(phase)
-                    if stop.received:
-                        raise Preempted(f"stopped by signal {stop.received} at step {int(self.step.numpy())}; "
-                                        f"checkpoint {path or self.checkpoints.latest}; rerun the same command to resume")
-                metrics = None
-                if eval_due and val_data is not None:
-                    metrics = steps.evaluate(val_data)
-                    self._record_validation(phase, metrics)
-                if eval_due and self.reporter:
-                    # Every epoch, validated or not, so a Ray run has checkpoints even without a val split.
-                    report = {"phase": phase.name, "step": int(self.step.numpy()),
-                              "weights_sha256": weights_digest(self.model.classifier)}
-                    if metrics:
-                        report.update(val_accuracy=metrics["accuracy"], val_loss=metrics["loss"])
-                    self.reporter(report, self.checkpoints.directory if self.chief and saved else None)
+                saved = None
+                if totals[STOP] or save_every.due(before, position) or end or (eval_due and not cached):
+                    saved = self._save(phase)
+                    if totals[STOP]:
+                        raise Preempted(self._stop_message(saved))
+                if eval_due:
+                    self._validate_and_report(phase, steps, val_data, saved)
         finally:
             profiler.stop()
             bar.close()
             self.scalars.flush()
 
+    def _stop_message(self, saved: str) -> str:
+        why = f"signal {self.stop.received}" if self.stop.received else "another worker's stop request"
+        return f"stopped by {why} at step {self.run.global_step}; checkpoint {saved}; rerun the same command to resume"
+
+    def _log(self, phase: Phase, steps: StepFunctions, window: TrainWindow, bar) -> None:
+        values, skipped = window.scalars(phase.name, self.run.global_batch)
+        values[f"{phase.name}/learning_rate"] = float(keras.ops.convert_to_numpy(steps.optimizer.learning_rate))
+        if steps.loss_scaled:
+            values[f"{phase.name}/loss_scale"] = float(steps.optimizer.dynamic_scale.numpy())
+            values[f"{phase.name}/skipped_steps"] = skipped
+            if skipped and self.run.chief:
+                log.warning("phase %s: %d of the last steps up to %d skipped by the loss scaler (non-finite gradients); "
+                            "loss scale now %g", phase.name, skipped, self.run.global_step,
+                            values[f"{phase.name}/loss_scale"])
+        self.scalars.write("train", self.run.global_step, values)
+        bar.set_postfix(loss=f"{values[f'{phase.name}/loss']:.3f}", img_s=f"{values[f'{phase.name}/images_per_sec']:.0f}",
+                        refresh=False)
+
+    def _save(self, phase: Phase) -> str:
+        """Save a checkpoint (every worker takes part); the chief's path, or the worker's scratch one."""
+        # A finite loss can come with an update that overflowed: never checkpoint such weights.
+        if not all(np.isfinite(keras.ops.convert_to_numpy(w)).all() for w in self.run.model.classifier.trainable_weights):
+            raise NonFiniteLoss(f"non-finite weights in phase {phase.name} after step {self.run.global_step}; "
+                                f"stopped without saving, last good checkpoint: {self.checkpoints.latest or 'none'}")
+        return self.checkpoints.save(self.run.global_step)
+
+    def _validate_and_report(self, phase: Phase, steps: StepFunctions, val_data, saved: Optional[str]) -> None:
+        metrics = steps.evaluate(val_data) if val_data is not None else None
+        if metrics:
+            self._record_validation(phase, metrics)
+        if self.reporter:
+            # Every validation point, validated or not, so a Ray run has checkpoints even without a val split.
+            report = {"phase": phase.name, "step": self.run.global_step,
+                      "weights_sha256": weights_digest(self.run.model.classifier)}
+            if metrics:
+                report.update(val_accuracy=metrics["accuracy"], val_loss=metrics["loss"])
+            self.reporter(report, self.checkpoints.directory if saved else None)
+
+    def _record_validation(self, phase: Phase, metrics: dict) -> None:
+        run, step = self.run, self.run.global_step
+        elapsed = time.time() - COMMAND_START
+        row = {"phase": phase.name, "step": step, "epoch": round((step - phase.first_step) / run.steps_per_epoch, 3),
+               "val_accuracy": metrics["accuracy"], "val_loss": metrics["loss"],
+               "wall_seconds": round(elapsed, 1), "images_seen": step * run.global_batch}
+        self.scalars.write("validation", step, {f"{phase.name}/accuracy": metrics["accuracy"],
+                                                f"{phase.name}/loss": metrics["loss"]})
+        for reached in self.history.record(row):
+            percent = int(reached["threshold"] * 100)
+            self.scalars.write("validation", step, {f"time_to_accuracy/{percent}pct_seconds": elapsed,
+                                                    f"time_to_accuracy/{percent}pct_images": reached["images_seen"]})
+        self.scalars.flush()
+        if run.chief:
+            log.info("validation %s step %d: accuracy %.4f loss %.4f (%.0fs since start)",
+                     phase.name, step, metrics["accuracy"], metrics["loss"], elapsed)
+
     def write_summary(self, status: str) -> dict:
-        history = self._load_summary().get("validation_history", []) + self.history
+        run, rows = self.run, self.history.rows
         summary = {
             "status": status,
-            "step": int(self.step.numpy()),
-            "total_steps": self.phases[-1].end,
-            "global_batch": self.global_batch,
-            "replicas": self.replicas,
-            "strategy": type(self.strategy).__name__,
-            "images_seen": int(self.step.numpy()) * self.global_batch,
+            "step": run.global_step,
+            "total_steps": run.phases[-1].end,
+            "global_batch": run.global_batch,
+            "replicas": run.replicas,
+            "strategy": type(run.strategy).__name__,
+            "images_seen": run.global_step * run.global_batch,
             "wall_seconds": round(time.time() - COMMAND_START, 1),
-            "final_val_accuracy": history[-1]["val_accuracy"] if history else None,
-            "time_to_accuracy": self.time_to_accuracy,
-            "validation_history": history,
+            "final_val_accuracy": rows[-1]["val_accuracy"] if rows else None,
+            "time_to_accuracy": self.history.time_to_accuracy,
+            "validation_history": rows,
         }
-        if self.chief:
+        if run.chief:
             tmp = self.summary_path + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(summary, f, indent=2)
@@ -533,22 +356,26 @@ class Run:
 def train_and_evaluate(config: Config, workdir: Optional[str] = None, reporter: Optional[Reporter] = None) -> dict:
     """Train both phases (resuming from the workdir's checkpoint if any); return the run summary."""
     workdir = workdir or config.workdir
-    run = Run(config, workdir, reporter)  # checks everything before it writes to the workdir
-    with run.lock, _StopSignals() as stop:
+    run = Run(config)  # settings, data and weights are checked before anything is written
+    tel = config.telemetry
+    with claim_workdir(workdir, run.chief), \
+            Checkpoints(run.checkpoint(), os.path.join(workdir, "checkpoints"), config.checkpoint.keep, run.chief) as checkpoints, \
+            StopRequests() as stop:
+        trainer = Trainer(run, workdir, checkpoints, stop, reporter)
         if run.chief:
             with open(os.path.join(workdir, "config.yaml"), "w") as f:
                 f.write(dump_config(config))
-        restored = run.checkpoints.restore_latest()
+            profiled = next(p for p in run.phases if p.name == tel.profile_phase)
+            if problem := unreachable_window(tel.profile_steps, profiled.name, profiled.steps):
+                log.warning("%s", problem)
+        restored = checkpoints.restore_latest()
         if restored:
-            log.info("resumed from %s at step %d", restored, int(run.step.numpy()))
+            log.info("resumed from %s at step %d", restored, run.global_step)
         try:
             for phase in run.phases:
-                if int(run.step.numpy()) < phase.end:
-                    run.run_phase(phase, stop)
+                if run.global_step < phase.end:
+                    trainer.run_phase(phase)
         except Preempted:
-            run.write_summary("preempted")
-            run.checkpoints.close()
+            trainer.write_summary("preempted")
             raise
-        summary = run.write_summary("finished")
-        run.checkpoints.close()
-    return summary
+        return trainer.write_summary("finished")

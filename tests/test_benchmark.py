@@ -4,30 +4,17 @@ import importlib.util
 import json
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from job.benchmark import Budget, _union_length, benchmark, format_table
+from job.benchmark import Budget, _union_length, benchmark, format_table, scratch_trainer
 from job.config import load_config
-from job.train import CACHED_STEPS_PER_CALL, Run
-from tests.conftest import REPO, job_env
+from job.train import CACHED_STEPS_PER_CALL
+from tests.conftest import MOCK, REPO, job_env, tiny
 
-TINY = [
-    "data.data_dir=/nonexistent/tfds",
-    "data.train_split=train",
-    "data.val_split=null",
-    "model.image_size=32",
-    "model.alpha=0.35",
-    "model.weights=none",
-    "model.dropout=0.0",
-    "train.batch_size=8",
-    "train.head.augment=none",
-    "telemetry.progress_bar=false",
-    "telemetry.profile_steps=null",
-]
+TINY = tiny(MOCK, "data.val_split=null", "train.head.augment=none")
 BUDGET = Budget(steps=2, repeats=2, warmup=1)
 
 
@@ -54,7 +41,8 @@ def test_benchmark_command_prints_the_table_and_writes_every_field(tmp_path):
             assert phase[part]["images_per_sec"] > 0 and len(phase[part]["repeats"]) == 2
         assert phase["verdict"]["bound"] in ("input-bound", "compute-bound")
         assert 0 <= phase["verdict"]["input_wait_share"] < 1 and phase["verdict"]["input_headroom"] > 0
-        assert 0 <= phase["profile"]["input_wait_share"] <= 1 and phase["profile"]["calls_traced"] == 1
+        # Profiled as training profiles: each of the --steps 2 steps its own call and step marker.
+        assert 0 <= phase["profile"]["input_wait_share"] <= 1 and phase["profile"]["calls_traced"] == 2
         assert phase["verdict"]["wait_source"] == "profiler"
         assert phase["verdict"]["input_wait_share"] == phase["profile"]["input_wait_share"]
         assert phase["flops"]["train_per_image"] >= phase["flops"]["forward_per_image"] > 0
@@ -79,12 +67,13 @@ def mock_data():
 def _head_after_training(tmp_path, cache: bool) -> list:
     config = load_config(None, [*TINY, f"train.cache_features={str(cache).lower()}", "train.head.epochs=2",
                                 "train.finetune.epochs=0", "data.shuffle_buffer=16", "checkpoint.every_steps=1000"])
-    run = Run(config, str(tmp_path / f"cache_{cache}"), reporter=None)
-    head = run.phases[0]
-    assert run.use_feature_cache(head) is cache
-    run.run_phase(head, types.SimpleNamespace(received=None))
-    assert int(run.step.numpy()) == 8
-    return [w.numpy() for w in run.model.head.weights]
+    with scratch_trainer(config) as trainer:
+        run = trainer.run
+        head = run.phases[0]
+        assert run.use_feature_cache(head) is cache
+        trainer.run_phase(head)
+        assert run.global_step == 8
+        return [w.numpy() for w in run.model.head.weights]
 
 
 def test_feature_cache_trains_the_same_head_as_running_the_frozen_backbone(tmp_path, mock_data):

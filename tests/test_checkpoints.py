@@ -8,10 +8,11 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from job.checkpoints import INDEX, Checkpoints, NoReadableCheckpoint
+from job.checkpoints import INDEX, Checkpoints
 from job.config import load_config
+from job.errors import NoReadableCheckpoint
+from job.export import restore_classifier
 from job.model import build_model
-from job.serve import restore_classifier
 
 
 def _two_checkpoints(directory):
@@ -71,7 +72,7 @@ def test_export_restores_past_a_damaged_latest_checkpoint(tmp_path):
     workdir = tmp_path / "run"
     config = load_config(None, [f"workdir={workdir}", "data.data_dir=/nonexistent/tfds", "model.image_size=32",
                                 "model.alpha=0.35", "model.weights=none", "model.dropout=0.0"])
-    model = build_model(32, 0.35, "none", 10, 0.0)
+    model = build_model(config.model, 10)
     manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model.classifier), str(workdir / "checkpoints"), 3)
     kernel = model.head.weights[0]
     saved = {}

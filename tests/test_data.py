@@ -7,6 +7,8 @@ import tensorflow_datasets as tfds
 
 from job import data as data_lib
 from job.config import load_config
+from job.errors import DataError
+from job.preprocess import to_model_input
 
 
 def _images(n=4, size=8):
@@ -41,10 +43,10 @@ def test_augment_in_dataset_map_matches_eager():
 
 def test_to_model_input_upscales_and_scales_to_unit_range():
     images = tf.constant([[[[0, 127, 255]] * 32] * 32], tf.uint8)
-    out = data_lib.to_model_input(images, 96)
+    out = to_model_input(images, 96)
     assert out.shape == (1, 96, 96, 3) and out.dtype == tf.float32
     np.testing.assert_allclose(out[0, 50, 50].numpy(), [-1.0, 127 / 127.5 - 1, 1.0], atol=1e-6)
-    assert data_lib.to_model_input(images, 96, tf.bfloat16).dtype == tf.bfloat16
+    assert to_model_input(images, 96, tf.bfloat16).dtype == tf.bfloat16
 
 
 @pytest.fixture
@@ -80,5 +82,23 @@ def test_each_input_pipeline_gets_a_disjoint_shard(mock_cifar):
 
 def test_missing_dataset_without_download_is_a_one_line_error(tmp_path):
     config = load_config(None, [f"data.data_dir={tmp_path}", "data.download=false"]).data
-    with pytest.raises(data_lib.DataError, match="not prepared .* data.download=false"):
+    with pytest.raises(DataError, match="not prepared .* data.download=false"):
         data_lib.dataset_info(config, ["train"])
+
+
+@pytest.mark.real_data
+def test_file_cache_keeps_each_split_and_shard_apart(real_env, tmp_path):
+    """tf.data reads an existing cache file whatever its input: one file per split and shard,
+    or validation would silently score training images."""
+    in_memory = load_config(None, [f"data.data_dir={real_env['TFDS_DATA_DIR']}"]).data
+    on_disk = in_memory.model_copy(update={"cache": str(tmp_path / "cache")})
+
+    def labels(config, split, pipeline=None):
+        context = pipeline and tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline)
+        return [int(y) for _, y in data_lib.load_images(config, split, context)]
+
+    train = labels(on_disk, "train[:64]")  # written first
+    assert labels(on_disk, "train[64:128]") == labels(in_memory, "train[64:128]") != train
+    assert labels(on_disk, "train[:64]", 1) == labels(in_memory, "train[:64]", 1) == train[1::2]
+    assert labels(on_disk, "train[:64]") == train  # read back from its own file
+    assert len(list((tmp_path / "cache").glob("*.index"))) == 3

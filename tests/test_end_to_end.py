@@ -22,10 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import DATASETS, KERAS_HOME, REPO, TINY_REAL, WEIGHTS, job_env, run_job
+from tests.conftest import DATASETS, KERAS_HOME, REAL_WEIGHTS, REPO, WEIGHTS, job_env, run_job, tiny
 
 pytestmark = pytest.mark.real_data
 REAL = {"TFDS_DATA_DIR": str(DATASETS), "KERAS_HOME": str(KERAS_HOME)}
+# The real weights, a few steps of each phase, a profile of steps 1-2 of the fine-tune phase.
+TINY_REAL = tiny(REAL_WEIGHTS, "telemetry.profile_steps=[1,3]")
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +62,8 @@ def test_exported_model_serves_raw_uint8_images(finished_run):
     workdir, _ = finished_run
     import keras
     import tensorflow as tf
+
+    import job.export  # noqa: F401 - registers the serving model's preprocessing layer
 
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     model = keras.models.load_model(workdir / "export" / "model.keras")

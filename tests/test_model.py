@@ -5,9 +5,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from job import data as data_lib
-from job.model import WeightsError, build_model, serving_model, set_backbone_trainable
+from job.config import ModelConfig
+from job.errors import WeightsError
+from job.export import serving_model
+from job.model import build_model as build
+from job.model import set_backbone_trainable
+from job.preprocess import to_model_input
 from tests.conftest import WEIGHTS
+
+
+def build_model(image_size, alpha, weights, num_classes, dropout, fold_batchnorm=True, precision="float32"):
+    config = ModelConfig(image_size=image_size, alpha=alpha, weights=weights, dropout=dropout, fold_batchnorm=fold_batchnorm)
+    return build(config, num_classes, precision)
 
 
 @pytest.fixture
@@ -34,14 +43,11 @@ def test_head_shares_variables_with_classifier(model):
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_logits_stay_float32_under_mixed_precision(policy):
-    keras.mixed_precision.set_global_policy(policy)
-    try:
-        m = build_model(32, 0.35, "none", 10, 0.2)
-        assert m.extractor(np.zeros((1, 32, 32, 3), "float32")).dtype.name == policy.split("_")[1]
-        assert m.features(np.zeros((1, 32, 32, 3), "float32")).dtype.name == policy.split("_")[1]  # folded BatchNorm
-        assert m.classifier(np.zeros((1, 32, 32, 3), "float32")).dtype.name == "float32"
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
+    m = build_model(32, 0.35, "none", 10, 0.2, precision=policy)
+    assert m.extractor(np.zeros((1, 32, 32, 3), "float32")).dtype.name == policy.split("_")[1]
+    assert m.features(np.zeros((1, 32, 32, 3), "float32")).dtype.name == policy.split("_")[1]  # folded BatchNorm
+    assert m.classifier(np.zeros((1, 32, 32, 3), "float32")).dtype.name == "float32"
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is left as it was
 
 
 def test_serving_model_takes_raw_uint8_of_any_size(model):
@@ -50,7 +56,7 @@ def test_serving_model_takes_raw_uint8_of_any_size(model):
     probabilities = np.asarray(served(images))
     assert probabilities.shape == (3, 10)
     np.testing.assert_array_equal(probabilities, np.asarray(served(images)))  # no dropout at serving time
-    expected = keras.ops.softmax(model.logits(data_lib.to_model_input(images, 32), training=False))
+    expected = keras.ops.softmax(model.logits(to_model_input(images, 32), training=False))
     np.testing.assert_allclose(probabilities, expected, rtol=1e-4, atol=1e-6)  # same as training's eval
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 

@@ -27,27 +27,14 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import DATASETS, KERAS_HOME, REPO, WEIGHTS, job_env, run_job
+from tests.conftest import DATASETS, KERAS_HOME, REPO, WEIGHTS, job_env, run_job, tiny
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
 # A few steps: 128 images = 4 steps an epoch at batch 32, each phase one epoch, 32 px,
 # random weights (the point is distribution, not accuracy).
-TINY_RAY = [
-    "data.train_split=train[:128]",
-    "data.val_split=train[49936:]",
-    "model.image_size=32",
-    "model.weights=none",
-    "train.batch_size=32",
-    "train.head.epochs=1",
-    "train.finetune.epochs=1",
-    "checkpoint.every_steps=1000",
-    "telemetry.progress_bar=false",
-    "telemetry.profile_steps=null",
-    "ray.num_workers=2",
-    "ray.cpus_per_worker=1",
-]
-DIGEST = re.compile(r"rank (\d+) step (\d+): weights sha256 (\w+)")
+TINY_RAY = tiny("data.train_split=train[:128]", "data.val_split=train[49936:]", "checkpoint.every_steps=1000",
+                "ray.num_workers=2", "ray.cpus_per_worker=1")
 
 
 def _data_env() -> dict:
@@ -80,11 +67,12 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
-def _digests(output: str) -> dict:
-    """{step: {rank: sha256 prefix}} from the workers' log lines."""
+def _digests(run_dir: Path) -> dict:
+    """{step: {rank: weights sha256}} from the replica records each worker adds to Ray's checkpoints."""
     found: dict = {}
-    for rank, step, digest in DIGEST.findall(output):
-        found.setdefault(int(step), {})[int(rank)] = digest
+    for record in run_dir.glob("checkpoint_step*/replicas/rank-*.json"):
+        entry = json.loads(record.read_text())
+        found.setdefault(entry["step"], {})[entry["rank"]] = entry["weights_sha256"]
     return found
 
 
@@ -221,8 +209,9 @@ def test_two_local_workers_agree_and_report(tmp_path, real_env):
     assert result.returncode == 0, output[-6000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["step"] == 8
 
-    digests = _digests(output)
-    assert sorted(digests) == [4, 8], digests  # one report per epoch: head, finetune
+    run_dir = workdir / "ray" / "mobilenet-transfer"
+    digests = _digests(run_dir)
+    assert sorted(digests) == [4, 8], digests  # one checkpointed report per epoch: head, finetune
     for step, by_rank in digests.items():
         assert sorted(by_rank) == [0, 1] and by_rank[0] == by_rank[1], (step, by_rank)
     assert digests[4][0] != digests[8][0]  # and they did train
@@ -230,8 +219,7 @@ def test_two_local_workers_agree_and_report(tmp_path, real_env):
     summary = json.loads((workdir / "summary.json").read_text())
     report = summary["ray"]["last_report"]
     assert report["step"] == 8 and report["phase"] == "finetune" and 0 <= report["val_accuracy"] <= 1
-    assert report["weights_sha256"].startswith(digests[8][0])
-    run_dir = workdir / "ray" / "mobilenet-transfer"
+    assert report["weights_sha256"] == digests[8][0]
     assert summary["ray"]["checkpoint"] == str(run_dir / "checkpoint_step0000008")
     assert sorted(p.name for p in run_dir.glob("checkpoint_step*")) == ["checkpoint_step0000004", "checkpoint_step0000008"]
     assert (run_dir / "checkpoint_step0000008" / "ckpt-8.index").is_file()
@@ -344,7 +332,7 @@ def test_resume_takes_the_newer_checkpoint(tmp_path):
     only when newer than the workdir's own, and arrives as a checkpoint TF lists and restores."""
     import tensorflow as tf
 
-    from job.launch import adopt_checkpoint, checkpoint_step, copy_latest_checkpoint
+    from job.checkpoints import adopt_checkpoint, checkpoint_step, copy_latest_checkpoint
 
     value = tf.Variable(0.0)
     checkpoint = tf.train.Checkpoint(value=value)

@@ -21,25 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DATASETS, KERAS_HOME, REPO, WEIGHTS, job_env, run_job
+from tests.conftest import DATASETS, KERAS_HOME, REPO, WEIGHTS, job_env, run_job, tiny
 
 CONFIG = "configs/tiny.yaml"
-# The cheapest real run: 8 head steps of 32 images at 32 px, no ImageNet weights, alpha
-# 0.35 (5 MB checkpoints), a checkpoint every 4 steps.
-TINY = [
-    "data.train_split=train[:256]",
-    "data.val_split=train[49872:]",
-    "model.image_size=32",
-    "model.alpha=0.35",
-    "model.weights=none",
-    "train.batch_size=32",
-    "train.head.epochs=1",
-    "train.finetune.epochs=0",
-    "checkpoint.every_steps=4",
-    "telemetry.log_every_steps=2",
-    "telemetry.profile_steps=null",
-    "telemetry.progress_bar=false",
-]
+# The cheapest real run: the head phase alone, 8 steps (tests.conftest.TINY).
+TINY = tiny("train.finetune.epochs=0")
 
 
 @pytest.fixture(scope="module")

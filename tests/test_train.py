@@ -10,27 +10,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from job.config import load_config
-from job.serve import restore_classifier
+from job.export import restore_classifier
 from job.train import plan_phases, train_and_evaluate
 from job.model import build_model
-from tests.conftest import REPO, WEIGHTS, job_env
+from tests.conftest import MOCK, REPO, WEIGHTS, job_env, tiny
 
-FAST = [
-    "data.data_dir=/nonexistent/tfds",
-    "model.image_size=32",
-    "model.alpha=0.35",
-    "model.weights=none",
-    "model.dropout=0.0",
-    "train.batch_size=8",
-    "train.head.epochs=1",
-    "train.finetune.epochs=1",
-    "train.finetune.unfreeze=20",
-    "telemetry.progress_bar=false",
-    "telemetry.log_every_steps=1",
-    "telemetry.profile_steps=null",
-    "data.train_split=train",
-    "data.val_split=validation",
-]
+FAST = tiny(MOCK, "train.finetune.unfreeze=20")
 
 
 def _mock_cli(workdir, *overrides, examples=32):
@@ -95,7 +80,8 @@ def test_mirrored_on_two_cpu_devices_matches_one_device(tmp_path):
     assert one["replicas"] == 1 and two["replicas"] == 2 and two["strategy"] == "MirroredStrategy"
     assert one["step"] == two["step"] == 6
     a, b = _weights(tmp_path / "one", alpha=1.0), _weights(tmp_path / "two", alpha=1.0)
-    start = {v.path: v.numpy() for v in build_model(32, 1.0, str(WEIGHTS), 10, 0.0).backbone.weights}
+    config = load_config(None, [*FAST, *common])
+    start = {v.path: v.numpy() for v in build_model(config.model, 10).backbone.weights}
     moved = max(np.abs(a[k] - start[k]).max() for k in start)
     assert moved > 1e-4  # fine-tuning really changed the backbone...
     for key in a:  # ...and both strategies changed it the same way
@@ -114,3 +100,34 @@ def test_mixed_precision_trains(tmp_path, precision):
             tags.update(v.tag for v in event.summary.value)
     assert "finetune/images_per_sec" in tags and "finetune/learning_rate" in tags
     assert ("finetune/loss_scale" in tags) == (precision == "mixed_float16")
+
+
+def _traced_steps(profile_dir) -> list[str]:
+    """The step markers in a profiler trace, as the profiler grouped them ("train <step>")."""
+    from xprof.convert import raw_to_tool_data
+
+    paths = sorted(str(p) for p in profile_dir.glob("plugins/profile/*/*.xplane.pb"))
+    if not paths:
+        return []
+    trace, _ = raw_to_tool_data.xspace_to_tool_data(paths, "trace_viewer", {})
+    events = json.loads(trace if isinstance(trace, str) else trace.decode())["traceEvents"]
+    return sorted({e["name"] for e in events if e.get("name", "").startswith("train ")})
+
+
+def test_profile_window_is_traced_whatever_steps_per_call(tmp_path, caplog):
+    """8 steps per call and validation every 4 steps: no chunk starts inside [5, 7) of the
+    fine-tune phase, yet exactly its two steps are traced, each under its own marker."""
+    config = load_config(None, [f"workdir={tmp_path}", *FAST, "train.steps_per_call=8", "train.finetune.epochs=2",
+                                "telemetry.profile_phase=finetune", "telemetry.profile_steps=[5,7]"])
+    with tfds.testing.mock_data(num_examples=32):
+        summary = train_and_evaluate(config)
+    assert summary["step"] == 12  # 4 head steps, then 8 fine-tune steps
+    assert _traced_steps(tmp_path / "tensorboard" / "train") == ["train 10", "train 9"]  # global steps 4+5, 4+6
+
+
+def test_a_profile_window_that_cannot_be_reached_is_a_warning(tmp_path, caplog):
+    config = load_config(None, [f"workdir={tmp_path}", *FAST, "telemetry.profile_steps=[20,25]"])
+    with tfds.testing.mock_data(num_examples=32), caplog.at_level("WARNING"):
+        train_and_evaluate(config)
+    assert "telemetry.profile_steps=[20, 25] starts after the last step of phase finetune (4 steps)" in caplog.text
+    assert not (tmp_path / "tensorboard" / "train" / "plugins").exists()

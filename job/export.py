@@ -3,6 +3,7 @@
 Export rebuilds the model outside any distribution strategy in float32, restores the
 newest checkpoint that reads back (warning about damaged ones), and writes:
   <workdir>/export/model.keras     Keras 3 file: uint8 images in, probabilities out
+                                   (its first layer is job's ToModelInput: load it with job installed)
   <workdir>/export/saved_model/    TF SavedModel with a `serve` endpoint, for TF Serving
 """
 
@@ -17,19 +18,54 @@ import numpy as np
 import tensorflow as tf
 
 from job import data as data_lib
-from job.checkpoints import NoReadableCheckpoint, checkpoints_to_try, restore_newest
+from job.checkpoints import checkpoints_to_try, restore_newest
 from job.config import Config
-from job.model import build_model, serving_model
+from job.errors import NoReadableCheckpoint, NothingToLoad
+from job.model import TransferModel, build_model, set_backbone_trainable
+from job.preprocess import to_model_input
 
 log = logging.getLogger(__name__)
 
 
-class NothingToLoad(RuntimeError):
-    """The workdir has neither a checkpoint nor an exported model."""
+@keras.saving.register_keras_serializable(package="job")
+class ToModelInput(keras.layers.Layer):
+    """job.preprocess.to_model_input as the serving model's first layer: the same function as in training."""
+
+    def __init__(self, image_size: int, **kwargs):
+        super().__init__(**kwargs)
+        self.image_size = image_size
+
+    def call(self, images):
+        return to_model_input(images, self.image_size)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.image_size, self.image_size, 3)
+
+    def get_config(self):
+        return {**super().get_config(), "image_size": self.image_size}
+
+
+def serving_model(model: TransferModel, image_size: int, channels: int = 3) -> keras.Model:
+    """Raw uint8 images of any size in, class probabilities out.
+
+    Freezes `model`: a frozen BatchNorm runs in inference mode whatever `training` value
+    Keras passes down the nested graphs (seen: an unfrozen one here used batch statistics).
+    """
+    set_backbone_trainable(model, False)
+    raw = keras.Input((None, None, channels), dtype="uint8", name="raw_image")
+    x = ToModelInput(image_size, name="to_model_input")(raw)
+    # training=False recorded in the graph: otherwise a caller's default training=None lets the
+    # nested head resolve dropout as active (seen with Keras 3.15: two calls, two answers).
+    probabilities = keras.layers.Softmax(dtype="float32", name="probabilities")(model.classifier(x, training=False))
+    return keras.Model(raw, probabilities, name="serving")
 
 
 def export_dir(workdir: str) -> str:
     return os.path.join(workdir, "export")
+
+
+def exported_model_path(workdir: str) -> str:
+    return os.path.join(export_dir(workdir), "model.keras")
 
 
 def restore_classifier(config: Config, workdir: str, checkpoint: Optional[str] = None):
@@ -39,9 +75,8 @@ def restore_classifier(config: Config, workdir: str, checkpoint: Optional[str] =
     if checkpoint is None and not checkpoints_to_try(directory):
         raise NothingToLoad(f"workdir {workdir!r}: no checkpoint in {directory}")
     num_classes = data_lib.dataset_info(config.data, []).num_classes
-    keras.mixed_precision.set_global_policy("float32")
     # weights="none": the checkpoint holds every weight, no need to read ImageNet's.
-    model = build_model(config.model.image_size, config.model.alpha, "none", num_classes, config.model.dropout)
+    model = build_model(config.model, num_classes, weights="none")
     reader = tf.train.Checkpoint(model=model.classifier)
     if checkpoint is not None:
         reader.restore(checkpoint).expect_partial().assert_existing_objects_matched()
@@ -58,10 +93,6 @@ def export(config: Config, workdir: str) -> str:
     served.export(os.path.join(out, "saved_model"), format="tf_saved_model", verbose=False)
     log.info("exported %s to %s", latest, out)
     return out
-
-
-def exported_model_path(workdir: str) -> str:
-    return os.path.join(export_dir(workdir), "model.keras")
 
 
 def load_exported(workdir: str) -> keras.Model:

@@ -1,11 +1,14 @@
-"""Checks of the data and weights a command will read, made before TensorFlow loads.
+"""Checks of what a command will read and write, made before TensorFlow loads.
 
 `python -m job` runs them on the machine it starts on; a Ray run (job.launch.preflight)
-runs them in a task on a node where its workers run. Either way a wrong dataset name,
-split or weights path fails once, in seconds, with one line.
+runs the data and weights checks in a task on a node where its workers run. Either way a
+wrong dataset name, split, weights path or workdir fails once, in seconds, with one line.
 """
 
 from __future__ import annotations
+
+import os
+from typing import Optional
 
 from job.config import Config
 
@@ -26,3 +29,13 @@ def check_inputs(config: Config, command: str) -> None:
     dataset_info(config.data, splits_read_by(command, config), prepare=False)
     if command in ("train", "benchmark"):
         check_weights_file(config.model.weights, config.model.alpha)
+
+
+def workdir_problem(workdir: str) -> Optional[str]:
+    """Checked without writing: the workdir, or the nearest folder above it that exists, must be a writable directory."""
+    path = os.path.abspath(workdir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if os.path.isdir(path) and os.access(path, os.W_OK):  # access() also sees a read-only mount
+        return None
+    return f"workdir={workdir!r}: cannot create or write it ({path} is not a writable directory)"

@@ -1,0 +1,169 @@
+"""The distributed train and eval steps, their optimizers, and the global batch.
+
+One code path for one device, MirroredStrategy and MultiWorkerMirroredStrategy: a
+`tf.function` runs `strategy.run(replica_step)` (Keras 3 `fit` breaks under
+MultiWorkerMirroredStrategy). Each replica computes gradients on its share of the global
+batch; then ONE all-reduce per step sums the gradients together with the step's loss,
+correct predictions and two flags (non-finite gradients, a stop request). So every replica
+applies the same update, every replica agrees whether the loss scaler skips it, every
+worker learns the metrics and whether anyone asked to stop, and no other collective runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from job.config import PhaseConfig, TrainConfig
+from job.errors import ConfigError
+
+# Positions in the vector a train step returns (summed over the steps of a chunk).
+LOSS, CORRECT, SKIPPED, STOP = range(4)
+
+
+def global_batch_size(train: TrainConfig, replicas: int) -> int:
+    if train.per_replica_batch_size:
+        return train.per_replica_batch_size * replicas
+    if train.batch_size % replicas:
+        raise ConfigError(
+            f"train.batch_size={train.batch_size}: must be divisible by the {replicas} replicas in sync "
+            "(or set train.per_replica_batch_size)"
+        )
+    return train.batch_size
+
+
+def learning_rate_scale(train: TrainConfig, global_batch: int) -> float:
+    return global_batch / train.base_batch_size if train.lr_scaling == "linear" else 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    name: str
+    config: PhaseConfig
+    first_step: int  # global step at which the phase starts
+    steps: int
+
+    @property
+    def end(self) -> int:
+        return self.first_step + self.steps
+
+
+def make_optimizer(phase: Phase, steps_per_epoch: int, lr_scale: float, precision: str):
+    cfg = phase.config
+    peak = cfg.learning_rate * lr_scale
+    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), max(phase.steps - 1, 0))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup else peak,
+        decay_steps=max(phase.steps - warmup, 1),
+        warmup_target=peak if warmup else None,
+        warmup_steps=warmup,
+    )
+    if cfg.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, name=f"{phase.name}_sgd")
+    elif cfg.optimizer == "adamw":
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, name=f"{phase.name}_adamw")
+    else:
+        optimizer = keras.optimizers.Adam(schedule, name=f"{phase.name}_adam")
+    if precision == "mixed_float16":
+        # float16 gradients underflow without it; bfloat16 has float32's range and needs none.
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer, name=f"{phase.name}_loss_scale")
+    return optimizer
+
+
+def _apply_reduced_gradients(optimizer) -> None:
+    """Let `optimizer` take gradients already summed over replicas.
+
+    Keras all-reduces inside `apply`, after LossScaleOptimizer has decided from its own
+    replica's gradients alone whether to skip the step (replicas that disagree would then
+    run different collectives and hang). The step sums them itself, with the metrics in the
+    same collective, so Keras's own (private) all-reduce becomes the identity.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    inner._all_reduce_sum_gradients = lambda grads_and_vars: list(grads_and_vars)
+
+
+class StepFunctions:
+    """The distributed train and eval steps for `forward(inputs, training) -> logits`
+    (the whole model on images, or the head alone on cached features)."""
+
+    def __init__(self, strategy, forward, variables: list, optimizer, preprocess, global_batch: int,
+                 label_smoothing: float, step_counter: tf.Variable, jit_compile: bool):
+        self.strategy, self.forward, self.optimizer = strategy, forward, optimizer
+        self.preprocess, self.global_batch = preprocess, global_batch
+        self.label_smoothing, self.step_counter = label_smoothing, step_counter
+        self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        self.variables = variables
+        _apply_reduced_gradients(optimizer)
+        # XLA compiles the forward and backward pass; the all-reduce and the optimizer update stay outside.
+        self._gradients = tf.function(self._compute_gradients, jit_compile=jit_compile, reduce_retracing=True)
+        # `steps` steps in one call: fewer host round trips per step.
+        self.train_chunk = tf.function(self._train_chunk)
+        # One step per call, with no loop inside: what the profiler needs to see step times.
+        self.train_step = tf.function(self._one_step)
+        self.eval_batch = tf.function(self._eval_batch)
+
+    def _per_example_loss(self, labels, logits):
+        one_hot = tf.one_hot(labels, tf.shape(logits)[-1])
+        return keras.losses.categorical_crossentropy(
+            one_hot, logits, from_logits=True, label_smoothing=self.label_smoothing
+        )
+
+    def _compute_gradients(self, inputs, labels):
+        inputs = self.preprocess(inputs)
+        with tf.GradientTape() as tape:
+            logits = self.forward(inputs, training=True)
+            # Averaged over the global batch: summed across replicas it is the global mean.
+            loss = tf.nn.compute_average_loss(self._per_example_loss(labels, logits), global_batch_size=self.global_batch)
+            scaled = self.optimizer.scale_loss(loss) if self.loss_scaled else loss
+        grads = tape.gradient(scaled, self.variables)
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
+        return grads, loss, correct
+
+    def _replica_step(self, inputs, labels, stop):
+        grads, loss, correct = self._gradients(inputs, labels)
+        non_finite = 1.0 - tf.cast(tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads]), tf.float32)
+        # One collective: the gradients and [loss, correct, non-finite replicas, stop votes].
+        *grads, sums = tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, [*grads, tf.stack([loss, correct, non_finite, stop])])
+        skipped = tf.cast(sums[2] > 0, tf.float32) if self.loss_scaled else tf.constant(0.0)
+        # The loss scaler sees the summed gradients: non-finite on every replica or on none.
+        self.optimizer.apply(grads, self.variables)
+        # A skipped step's loss is often inf/NaN: keep it out of the logged mean. (In float32
+        # a non-finite loss stays, and the host stops the run.)
+        loss_sum = tf.where(skipped > 0, 0.0, sums[0])
+        return tf.stack([loss_sum, sums[1], skipped, tf.cast(sums[3] > 0, tf.float32)])
+
+    def _one_step(self, iterator, stop):
+        inputs, labels = next(iterator)
+        per_replica = self.strategy.run(self._replica_step, args=(inputs, labels, stop))
+        self.step_counter.assign_add(1)
+        # Reduced inside the step, so identical on every replica: take this worker's first.
+        return self.strategy.experimental_local_results(per_replica)[0]
+
+    def _train_chunk(self, iterator, steps, stop):
+        """[sum of mean losses, correct predictions, skipped steps, steps with a stop vote] over `steps` steps."""
+        totals = tf.zeros([4])
+        for _ in tf.range(steps):
+            totals += self._one_step(iterator, stop)
+        return totals
+
+    def _replica_eval(self, inputs, labels):
+        logits = self.forward(self.preprocess(inputs), training=False)
+        predicted = tf.argmax(logits, -1, output_type=tf.int32)
+        sums = tf.stack([tf.reduce_sum(self._per_example_loss(labels, logits)),
+                         tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.float32)),
+                         tf.cast(tf.shape(labels)[0], tf.float32)])
+        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, sums)
+
+    def _eval_batch(self, inputs, labels):
+        return self.strategy.experimental_local_results(self.strategy.run(self._replica_eval, args=(inputs, labels)))[0]
+
+    def evaluate(self, dist_dataset) -> dict:
+        total = np.zeros(3)
+        for inputs, labels in dist_dataset:
+            total += self.eval_batch(inputs, labels).numpy()
+        loss_sum, correct, count = total
+        return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1), "examples": int(count)}
