@@ -4,8 +4,8 @@
 # RAY_ADDRESS is the cluster's job server (the dashboard address): `ray dashboard
 # cluster/ray-cluster.yaml` forwards it to 127.0.0.1:8265; on Kubernetes, port-forward the
 # head service's port 8265. The repository is uploaded as the job's working directory
-# (.gitignore'd files, .venv and runs/ left out); TFDS_DATA_DIR and KERAS_HOME are passed on
-# when set here. Extra `ray job submit` options go in RAY_JOB_SUBMIT_ARGS (e.g. --no-wait).
+# (.gitignore'd files, .venv and runs/ left out). The workdir must be an s3:// or gs:// URI
+# or an absolute path every node mounts: a relative one is refused. Extra `ray job submit` options go in RAY_JOB_SUBMIT_ARGS (e.g. --no-wait).
 # Exit status: that of `ray job submit` (0 when the job succeeded).
 set -euo pipefail
 
@@ -17,10 +17,12 @@ fi
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 
-# The runtime env as JSON: the data and weights locations, and what not to upload.
+# The runtime env as JSON: what not to upload. This machine's own TFDS_DATA_DIR or KERAS_HOME
+# are paths on this machine and are not passed on: the cluster's nodes have their own (or
+# set data.data_dir=s3://... on the command line).
 runtime_env=$("$PYTHON" -c '
 import json, os
-env = {k: os.environ[k] for k in ("TFDS_DATA_DIR", "KERAS_HOME", "TF_CPP_MIN_LOG_LEVEL") if k in os.environ}
+env = {k: os.environ[k] for k in ("TF_CPP_MIN_LOG_LEVEL",) if k in os.environ}
 print(json.dumps({"env_vars": env, "excludes": [".venv", "runs", ".git", "**/__pycache__"]}))')
 
 # shellcheck disable=SC2086  # RAY_JOB_SUBMIT_ARGS is a list of options

@@ -1,4 +1,4 @@
-"""Command line: python -m job {train,evaluate,export,benchmark} CONFIG [key=value ...]
+"""Command line: python -m job {train,evaluate,export,benchmark} CONFIG [key=value ...] | tensorboard WORKDIR
 
 Exit status 0 on success (also after a clean stop on SIGTERM/SIGINT, ready to resume),
 2 on bad input or environment (config, data, weights, busy or unwritable workdir, disk
@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported (default 3)")
             p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
             p.add_argument("--profile", action="store_true", help="also trace end-to-end steps with the TF profiler")
+    board = sub.add_parser("tensorboard", help="TensorBoard on a workdir (a path, gs:// or s3://), following it while it runs",
+                           description="TensorBoard on a workdir (a path, gs:// or s3://), following it while it runs")
+    board.add_argument("workdir", help="the run's workdir, e.g. runs/cifar10_quick or s3://bucket/runs/x")
+    board.add_argument("--host", default="127.0.0.1")
+    board.add_argument("--port", type=int, default=6006)
+    board.add_argument("--every", type=float, default=30.0, help="seconds between copies of a remote workdir (default 30)")
     return parser
 
 
@@ -88,6 +94,8 @@ def parse_command_line(argv=None) -> argparse.Namespace:
     unknown = [a for a in extra if a.startswith("-") or "=" not in a]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra and not hasattr(args, "overrides"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
     return args
 
@@ -111,6 +119,12 @@ def main(argv=None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from job.config import load_config
+
+    if args.command == "tensorboard":
+        from job.follow import follow
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return follow(args.workdir, args.host, args.port, args.every)
 
     config = load_config(args.config, args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -361,15 +361,16 @@ def scratch_trainer(config: Config):
     """A job.train.Trainer whose checkpoints and TensorBoard files go to a scratch directory, never a real run's."""
     from job.checkpoints import Checkpoints
     from job.preemption import StopRequests
+    from job.storage import Workdir
     from job.train import Run, Trainer
 
-    scratch = tempfile.mkdtemp(prefix="benchmark-")
+    scratch = Workdir.open(tempfile.mkdtemp(prefix="benchmark-"))
     try:
         run = Run(config)
-        with Checkpoints(run.checkpoint(), os.path.join(scratch, "checkpoints"), 1, run.chief) as checkpoints:
+        with Checkpoints(run.checkpoint(), scratch.path("checkpoints"), 1, run.chief) as checkpoints:
             yield Trainer(run, scratch, checkpoints, StopRequests())
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(scratch.local, ignore_errors=True)
 
 
 def benchmark(config: Config, phases: list[str], budget: Budget = Budget(), profile: bool = False,

@@ -1,4 +1,4 @@
-"""Checkpoints that survive crashes, and a lock so two runs never share a workdir.
+"""Checkpoints that survive crashes.
 
 TensorFlow's CheckpointManager writes a checkpoint's files before it updates the
 `checkpoint` index, so a crash mid-save leaves the previous checkpoint as the latest.
@@ -14,8 +14,7 @@ saving, and copying the newest checkpoint between directories (Ray's reported co
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import json
 import logging
 import os
 import re
@@ -26,56 +25,9 @@ from typing import Optional
 
 import tensorflow as tf
 
-from job.errors import CheckpointNotSaved, NoReadableCheckpoint, WorkdirBusy, WorkdirError
+from job.errors import CheckpointNotSaved, NoReadableCheckpoint
 
 log = logging.getLogger(__name__)
-
-
-class WorkdirLock:
-    """An advisory flock on <workdir>/.lock holding the owner's pid; released on exit or crash."""
-
-    def __init__(self, workdir: str):
-        self._path = os.path.join(workdir, ".lock")
-        self._file = None
-
-    def __enter__(self):
-        if self._file is not None:  # already held (see claim_workdir)
-            return self
-        self._file = open(self._path, "a+")
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.seek(0)
-            owner = self._file.read().strip() or "unknown"
-            self._file.close()
-            self._file = None
-            raise WorkdirBusy(f"workdir {os.path.dirname(self._path)!r} is in use by a live run (pid {owner}); "
-                              "wait for it, stop it, or choose another workdir") from None
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(str(os.getpid()))
-        self._file.flush()
-        return self
-
-    def __exit__(self, *exc):
-        if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
-
-
-def claim_workdir(workdir: str, chief: bool):
-    """Create the workdir and, on the chief, take its lock (held until the returned lock exits).
-
-    Called once settings, data and weights are known good, so bad input never leaves files behind.
-    """
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        lock = WorkdirLock(workdir) if chief else contextlib.nullcontext()
-        lock.__enter__()
-    except OSError as err:
-        raise WorkdirError(f"workdir={workdir!r}: cannot create or write it ({err.strerror}: {err.filename})") from None
-    return lock
 
 
 def _reason(err: Exception) -> str:
@@ -87,6 +39,17 @@ def _reason(err: Exception) -> str:
 
 
 INDEX = "checkpoint"  # TensorFlow's index file: the newest checkpoint and those kept
+# Beside the checkpoints: what the model was trained on (classes, their names, image shape),
+# so that export and evaluate need no dataset (job.train.Run.dataset_record).
+DATASET = "dataset.json"
+
+
+def read_dataset_record(directory: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(directory, DATASET)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def _step_of(path: str) -> int:
@@ -123,7 +86,7 @@ def copy_latest_checkpoint(source: str, destination: str) -> int:
     prefix = os.path.basename(candidates[0])
     os.makedirs(destination, exist_ok=True)
     for name in os.listdir(source):
-        if name.startswith(prefix + "."):
+        if name.startswith(prefix + ".") or name == DATASET:
             shutil.copy2(os.path.join(source, name), destination)
     # The CheckpointState text proto CheckpointManager reads. A timestamp after
     # last_preserved_timestamp makes the manager list (and later rotate) this checkpoint.
@@ -182,14 +145,18 @@ class Checkpoints:
     """Save every N steps and restore the newest readable checkpoint; a context manager that
     frees a non-chief's scratch directory however the run ends."""
 
-    def __init__(self, checkpoint: tf.train.Checkpoint, directory: str, keep: int, chief: bool):
+    def __init__(self, checkpoint: tf.train.Checkpoint, directory: str, keep: int, chief: bool,
+                 dataset_record: Optional[dict] = None):
+        # Only the chief writes `directory`; the others save into scratch (every worker must
+        # take part in a save) and restore from the chief's checkpoints or another source.
         self._scratch = None if chief else tempfile.mkdtemp(prefix="ckpt-worker-")
-        # Every worker resumes from the chief's checkpoints (replicas must start from the same
-        # weights); only the chief writes there, the others save into their scratch.
-        self.source = directory
         self.directory = directory if chief else self._scratch
         self._checkpoint = checkpoint
         self.manager = _open_manager(checkpoint, self.directory, keep)
+        if dataset_record is not None:
+            os.makedirs(self.directory, exist_ok=True)
+            with open(os.path.join(self.directory, DATASET), "w") as f:
+                json.dump(dataset_record, f, indent=1)
 
     def __enter__(self):
         return self
@@ -213,9 +180,9 @@ class Checkpoints:
                 f"the previous checkpoint {self.latest or '(none)'} is intact: fix that and rerun to resume from it"
             ) from None
 
-    def restore_latest(self) -> Optional[str]:
-        """Restore the newest checkpoint that reads back; warn about and skip broken ones."""
-        return restore_newest(self._checkpoint, self.source)
+    def restore_latest(self, source: str) -> Optional[str]:
+        """Restore the newest checkpoint of `source` that reads back; warn about and skip broken ones."""
+        return restore_newest(self._checkpoint, source)
 
     def close(self) -> None:
         if self._scratch:

@@ -20,8 +20,9 @@ from typing import Optional
 import tensorflow_datasets as tfds
 from etils import epy
 
+from job import storage
 from job.config import DataConfig
-from job.errors import DataError
+from job.errors import DataError, JobError
 from job.preprocess import to_model_input
 
 with epy.lazy_imports():
@@ -49,14 +50,31 @@ class DatasetInfo:
     num_classes: int
     image_shape: tuple
     split_sizes: dict
+    class_names: tuple = ()
+
+
+def _data_dir(data: DataConfig, metadata_only: bool) -> Optional[str]:
+    """data.data_dir as a local TFDS data_dir: a URI's dataset is mirrored into this node's cache once."""
+    if not data.data_dir or not storage.is_uri(data.data_dir):
+        return data.data_dir
+    local = storage.node_cache("tfds", hashlib.sha256(data.data_dir.encode()).hexdigest()[:12])
+    try:
+        found = storage.fetch_tree(storage.join(data.data_dir, data.name), os.path.join(local, data.name), metadata_only)
+    except (OSError, JobError) as err:
+        raise DataError(f"data.data_dir={data.data_dir!r}: cannot read it ({str(err).splitlines()[0][:160]})") from None
+    if not found:
+        raise DataError(f"data.data_dir={data.data_dir!r} holds no {data.name}/ folder: a TFDS data_dir holds "
+                        "<name>/<version>/ folders")
+    return local
 
 
 def _builder(data: DataConfig, prepare: bool = True):
     """The TFDS builder, prepared (downloaded) if allowed; None if `prepare` is off and it needs preparing."""
     if data.data_dir and os.path.exists(data.data_dir) and not os.path.isdir(data.data_dir):
         raise DataError(f"data.data_dir={data.data_dir!r}: not a directory; a TFDS data_dir holds <name>/<version>/ folders")
+    data_dir = _data_dir(data, metadata_only=not prepare)
     try:
-        builder = tfds.builder(data.name, data_dir=data.data_dir)
+        builder = tfds.builder(data.name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise DataError(f"data.name={data.name!r}: no such TFDS dataset (see tfds.list_builders())") from None
     if not builder.is_prepared():
@@ -71,6 +89,21 @@ def _builder(data: DataConfig, prepare: bool = True):
             )
         if not prepare:
             return None
+        builder = _download_once(data, builder)
+    return builder
+
+
+def _download_once(data: DataConfig, builder):
+    """Download and prepare under a file lock in the data_dir: processes on one node (or on a
+    shared data_dir) wait for the first instead of writing the same files."""
+    from filelock import FileLock
+
+    root = os.path.dirname(os.path.dirname(builder.data_dir))  # <root>/<name>/<version>
+    os.makedirs(root, exist_ok=True)
+    with FileLock(os.path.join(root, f".{data.name}.prepare.lock")):
+        builder = tfds.builder(data.name, data_dir=root)
+        if builder.is_prepared():
+            return builder
         try:
             builder.download_and_prepare()
         except Exception as err:  # noqa: BLE001 - any download failure gets the same advice
@@ -112,7 +145,8 @@ def dataset_info(data: DataConfig, splits: list[str], prepare: bool = True) -> O
         except (ValueError, KeyError) as err:
             available = list(builder.info.splits.keys())
             raise DataError(f"split {split!r} of {data.name!r}: {str(err).splitlines()[0]} (available: {available})") from None
-    return DatasetInfo(features[label_key].num_classes, tuple(features[image_key].shape), sizes)
+    label = features[label_key]
+    return DatasetInfo(label.num_classes, tuple(features[image_key].shape), sizes, tuple(label.names))
 
 
 # What load_images caches: decoded uint8 images at the dataset's own size (part of the cache file's name).

@@ -9,20 +9,22 @@ newest checkpoint that reads back (warning about damaged ones), and writes:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from typing import Optional
+from typing import Optional, Union
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from job import data as data_lib
-from job.checkpoints import checkpoints_to_try, restore_newest
+from job.checkpoints import DATASET, checkpoints_to_try, read_dataset_record, restore_newest
 from job.config import Config
 from job.errors import NoReadableCheckpoint, NothingToLoad
 from job.model import TransferModel, build_model, set_backbone_trainable
 from job.preprocess import to_model_input
+from job.storage import Workdir
 
 log = logging.getLogger(__name__)
 
@@ -60,63 +62,80 @@ def serving_model(model: TransferModel, image_size: int, channels: int = 3) -> k
     return keras.Model(raw, probabilities, name="serving")
 
 
-def export_dir(workdir: str) -> str:
-    return os.path.join(workdir, "export")
-
-
-def exported_model_path(workdir: str) -> str:
-    return os.path.join(export_dir(workdir), "model.keras")
+def exported_model_path(workdir: Workdir) -> str:
+    return workdir.path("export", "model.keras")
 
 
 def restore_classifier(config: Config, workdir: str, checkpoint: Optional[str] = None):
-    """A float32 TransferModel holding the weights of `checkpoint` (default: the workdir's newest
-    that reads back, past damaged ones, as training resumes) and that checkpoint's path."""
+    """A float32 TransferModel holding the weights of `checkpoint` (default: the newest in the
+    local directory `workdir`/checkpoints that reads back, past damaged ones, as training
+    resumes), that checkpoint's path, and the dataset record saved with it."""
     directory = os.path.join(workdir, "checkpoints")
     if checkpoint is None and not checkpoints_to_try(directory):
         raise NothingToLoad(f"workdir {workdir!r}: no checkpoint in {directory}")
-    num_classes = data_lib.dataset_info(config.data, []).num_classes
+    # The classes travel with the checkpoint; older checkpoints without them ask the dataset.
+    record = read_dataset_record(os.path.dirname(checkpoint) if checkpoint else directory)
+    if record is None:
+        info = data_lib.dataset_info(config.data, [])
+        record = {"name": config.data.name, "num_classes": info.num_classes, "class_names": list(info.class_names),
+                  "image_shape": list(info.image_shape)}
     # weights="none": the checkpoint holds every weight, no need to read ImageNet's.
-    model = build_model(config.model, num_classes, weights="none")
+    model = build_model(config.model, record["num_classes"], weights="none")
     reader = tf.train.Checkpoint(model=model.classifier)
     if checkpoint is not None:
         reader.restore(checkpoint).expect_partial().assert_existing_objects_matched()
-        return model, checkpoint
-    return model, restore_newest(reader, directory, partial=True)
+        return model, checkpoint, record
+    return model, restore_newest(reader, directory, partial=True), record
 
 
-def export(config: Config, workdir: str) -> str:
-    model, latest = restore_classifier(config, workdir)
-    served = serving_model(model, config.model.image_size)
-    out = export_dir(workdir)
-    os.makedirs(out, exist_ok=True)
-    served.save(exported_model_path(workdir))
-    served.export(os.path.join(out, "saved_model"), format="tf_saved_model", verbose=False)
-    log.info("exported %s to %s", latest, out)
-    return out
+def export(config: Config, location: Union[str, Workdir]) -> str:
+    """Write the serving model of the workdir's newest checkpoint into <workdir>/export; its location."""
+    workdir = location if isinstance(location, Workdir) else Workdir.open(location)
+    try:
+        workdir.pull("checkpoints")
+        model, latest, record = restore_classifier(config, workdir.local)
+        served = serving_model(model, config.model.image_size, channels=record["image_shape"][-1] or 3)
+        os.makedirs(workdir.path("export"), exist_ok=True)
+        served.save(exported_model_path(workdir))
+        served.export(workdir.path("export", "saved_model"), format="tf_saved_model", verbose=False)
+        with open(workdir.path("export", DATASET), "w") as f:
+            json.dump(record, f, indent=1)
+        workdir.push("export")
+        log.info("exported %s to %s", latest, workdir.uri("export"))
+        return workdir.uri("export")
+    finally:
+        if workdir is not location:
+            workdir.close()
 
 
-def load_exported(workdir: str) -> keras.Model:
-    path = exported_model_path(workdir)
+def load_exported(path: str) -> keras.Model:
     if not os.path.isfile(path):
-        raise NothingToLoad(f"workdir {workdir!r}: no exported model at {path}")
+        raise NothingToLoad(f"no exported model at {path}")
     return keras.models.load_model(path)
 
 
-def evaluate(config: Config, workdir: str, split: str) -> dict:
+def evaluate(config: Config, location: str, split: str) -> dict:
     """Accuracy of the workdir's latest checkpoint (else its exported model) on `split`."""
+    workdir = Workdir.open(location)
     try:
-        model, source = restore_classifier(config, workdir)
-        served = serving_model(model, config.model.image_size)
-    except (NothingToLoad, NoReadableCheckpoint) as err:
-        if isinstance(err, NoReadableCheckpoint):
-            if not os.path.isfile(exported_model_path(workdir)):
-                raise
-            log.warning("%s; evaluating the exported model instead", err)
-        served, source = load_exported(workdir), exported_model_path(workdir)
-    raw = data_lib.load_images(config.data, split).batch(256)
-    correct = count = 0
-    for images, labels in raw:
-        predicted = np.argmax(served(images, training=False), axis=-1)
-        correct += int(np.sum(predicted == labels.numpy()))
-        count += int(labels.shape[0])
-    return {"split": split, "accuracy": correct / max(count, 1), "examples": count, "source": source}
+        workdir.pull("checkpoints")
+        try:
+            model, source, _ = restore_classifier(config, workdir.local)
+            served = serving_model(model, config.model.image_size)
+        except (NothingToLoad, NoReadableCheckpoint) as err:
+            if not workdir.pull("export/model.keras"):
+                if isinstance(err, NoReadableCheckpoint):
+                    raise
+                raise NothingToLoad(f"workdir {location!r}: neither a checkpoint nor an exported model") from None
+            if isinstance(err, NoReadableCheckpoint):
+                log.warning("%s; evaluating the exported model instead", err)
+            served, source = load_exported(exported_model_path(workdir)), workdir.uri("export", "model.keras")
+        raw = data_lib.load_images(config.data, split).batch(256)
+        correct = count = 0
+        for images, labels in raw:
+            predicted = np.argmax(served(images, training=False), axis=-1)
+            correct += int(np.sum(predicted == labels.numpy()))
+            count += int(labels.shape[0])
+        return {"split": split, "accuracy": correct / max(count, 1), "examples": count, "source": source}
+    finally:
+        workdir.close()

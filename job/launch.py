@@ -7,13 +7,15 @@ usual custom step. The global batch is train.per_replica_batch_size x replicas w
 and train.lr_scaling=linear scales the learning rates by global_batch / base_batch_size.
 
 Where things live (docs/ray.md says why):
-  workdir       config.workdir made absolute. Only the chief (Ray rank 0 = TF worker 0)
-                writes it: TensorBoard, profiles, checkpoints, summary.json; the driver
-                exports into it at the end. On a multi-node cluster it belongs on storage
-                every node mounts at the same path (as does data.data_dir).
-  storage_path  ray.storage_path, else <workdir>/ray: Ray's copy of each reported
-                checkpoint (the newest ray.keep_checkpoints kept). A restarted worker
-                group resumes from the newest one, even on a node whose local workdir is empty.
+  workdir       an s3:// or gs:// URI, or an absolute path (a relative one is made absolute
+                where the command is typed, and refused where that cannot be right). The
+                driver holds it for the run; only the chief (Ray rank 0 = TF worker 0) writes
+                it: TensorBoard, profiles, summary.json (with a URI from node-local scratch,
+                pushed at every validation and at the end); the driver exports into it.
+  storage_path  ray.storage_path, else <workdir>/ray: every checkpoint, reported through
+                ray.train.report (the newest ray.keep_checkpoints kept). Every worker of a
+                (re)started group restores from ray.train.get_checkpoint(), else from the
+                workdir's own checkpoints; never from another node's disk.
 """
 
 from __future__ import annotations
@@ -32,14 +34,21 @@ from ray.train.collective import broadcast_from_rank_zero
 from ray.train.tensorflow import TensorflowTrainer
 
 from job import COMMAND_START
-from job.checkpoints import adopt_checkpoint, checkpoint_step, copy_latest_checkpoint
+from job import storage
+from job.checkpoints import INDEX, adopt_checkpoint, checkpoint_step, copy_latest_checkpoint
 from job.config import Config, RayConfig
-from job.errors import ConfigError, JobError
+from job.errors import ConfigError, JobError, WorkdirError
+from job.preflight import workdir_problem
+from job.storage import Workdir
 
 log = logging.getLogger(__name__)
 
 # Set on the driver, needed by the workers wherever Ray starts them (offline data and weights).
 FORWARDED_ENV = ("TFDS_DATA_DIR", "KERAS_HOME", "TF_CPP_MIN_LOG_LEVEL")
+
+
+# This worker's attempt (its scratch, where it restored from), added to its replica records.
+_ATTEMPT: dict = {}
 
 
 class ReplicasDiverged(RuntimeError):
@@ -69,23 +78,21 @@ def _report(metrics: dict, checkpoint_dir: Optional[str]) -> None:
             copy_latest_checkpoint(checkpoint_dir, snapshot)
         os.makedirs(os.path.join(snapshot, "replicas"))
         with open(os.path.join(snapshot, "replicas", f"rank-{rank}.json"), "w") as f:
-            json.dump({"rank": rank, "step": metrics["step"], "weights_sha256": metrics["weights_sha256"]}, f)
+            json.dump({**_ATTEMPT, "rank": rank, "step": metrics["step"], "weights_sha256": metrics["weights_sha256"]}, f)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(snapshot),
                          checkpoint_dir_name=f"checkpoint_step{metrics['step']:07d}")
 
 
-def _resume_from_ray(checkpoints_dir: str) -> None:
-    """Before training on the chief: take Ray's newest reported checkpoint if the workdir lacks it."""
+def _restore_source(workdir: Workdir, scratch: str) -> tuple[Optional[str], Optional[str]]:
+    """(local directory to restore from, where it came from), or (None, None) for a fresh start:
+    Ray's newest registered checkpoint, downloaded into this worker's scratch, else the workdir's
+    own checkpoints (fetched for a URI). Every rank takes the same one; none reads another node's disk."""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return
-    with checkpoint.as_directory() as directory:
-        ray_step, local_step = checkpoint_step(directory), checkpoint_step(checkpoints_dir)
-        if adopt_checkpoint(directory, checkpoints_dir):
-            log.info("restored Ray checkpoint %s (step %s) into %s", checkpoint.path, ray_step, checkpoints_dir)
-        else:
-            log.info("Ray checkpoint %s is at step %s; the workdir's own, at step %s, is at least as new: resuming from it",
-                     checkpoint.path, ray_step, local_step)
+    if checkpoint is not None:
+        return checkpoint.to_directory(os.path.join(scratch, "restore")), checkpoint.path
+    if workdir.pull("checkpoints") and checkpoint_step(workdir.path("checkpoints")) is not None:
+        return workdir.path("checkpoints"), workdir.uri("checkpoints")
+    return None, None
 
 
 def _worker_loop(payload: dict) -> None:
@@ -103,20 +110,28 @@ def _worker_loop(payload: dict) -> None:
     if not config.ray.use_gpu:
         # Size TF's op pool to the CPUs Ray gave this worker, not to the whole machine.
         tf.config.threading.set_intra_op_parallelism_threads(max(1, round(config.ray.cpus_per_worker)))
-    context = ray.train.get_context()
-    checkpoints_dir = os.path.join(config.workdir, "checkpoints")
-    if context.get_world_rank() == 0:
-        _resume_from_ray(checkpoints_dir)
-    # Every worker restores the chief's checkpoint from the workdir (job.checkpoints), so all
-    # must see the same one: after rank 0 has put Ray's there, on storage they all share.
-    chief_step = broadcast_from_rank_zero(checkpoint_step(checkpoints_dir))
-    if checkpoint_step(checkpoints_dir) != chief_step:
-        raise ConfigError(f"workdir={config.workdir!r}: rank {context.get_world_rank()} sees checkpoint step "
-                          f"{checkpoint_step(checkpoints_dir)}, rank 0 step {chief_step}; on a multi-node cluster "
-                          "the workdir must be on storage every node mounts at the same path (docs/ray.md)")
-    summary = train_and_evaluate(config, config.workdir, _report)
-    log.info("rank %d done: step %d, %s over %d replicas", context.get_world_rank(), summary["step"],
-             summary["strategy"], summary["replicas"])
+    rank = ray.train.get_context().get_world_rank()
+    # The driver holds the workdir (lease or lock) for the whole run; workers only write into
+    # it (the chief) or into scratch, node-local and this worker's own.
+    workdir = Workdir.open(config.workdir)
+    with tempfile.TemporaryDirectory(prefix=f"rank{rank}-") as scratch:
+        # On record in the replica files: a retried worker starts from nothing of its predecessor's.
+        local = workdir.local if workdir.remote else scratch
+        _ATTEMPT.update(rank=rank, pid=os.getpid(), node=ray.get_runtime_context().get_node_id(), scratch=local,
+                        scratch_was_empty=not any(os.scandir(local)))
+        source, _ATTEMPT["restored_from"] = _restore_source(workdir, scratch)
+        # Replicas must start from the same weights: a workdir path that is not shared could
+        # show each node a different checkpoint.
+        step = checkpoint_step(source) if source else None
+        if step != broadcast_from_rank_zero(step):
+            raise ConfigError(f"workdir={config.workdir!r}: rank {rank} would resume from step {step}, rank 0 from "
+                              "another; on a multi-node cluster the workdir must be a URI or a path every node "
+                              "mounts (docs/ray.md)")
+        try:
+            summary = train_and_evaluate(config, workdir, _report, restore_from=source)
+        finally:
+            workdir.close()
+    log.info("rank %d done: step %d, %s over %d replicas", rank, summary["step"], summary["strategy"], summary["replicas"])
 
 
 # --- on the driver ---------------------------------------------------------------
@@ -129,7 +144,23 @@ def scaling_config(ray_config: RayConfig) -> ScalingConfig:
 
 
 def storage_path(config: Config) -> str:
-    return os.path.abspath(config.ray.storage_path or os.path.join(config.workdir, "ray"))
+    """ray.storage_path, else <workdir>/ray (config.workdir already resolved)."""
+    return config.ray.storage_path or storage.join(config.workdir, "ray")
+
+
+def resolve_location(setting: str, location: str, nodes: int) -> str:
+    """A URI or absolute path as given; a relative path made absolute here, where the command
+    is typed, unless it cannot mean the same on every node: under `ray job submit` (it would land in
+    Ray's temporary copy of the working directory, which Ray deletes) or on a multi-node cluster."""
+    if storage.is_uri(location) or os.path.isabs(location):
+        return location
+    where = ("under `ray job submit` it would be inside Ray's temporary copy of the working directory"
+             if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") else
+             f"the cluster has {nodes} nodes" if nodes > 1 else None)
+    if where:
+        raise ConfigError(f"{setting}={location!r} is a relative path and {where}: use an s3:// or gs:// URI, "
+                          "or an absolute path on storage every node mounts")
+    return os.path.abspath(location)
 
 
 def worker_runtime_env() -> dict:
@@ -193,19 +224,26 @@ def _user_error(err: Exception) -> Exception:
     return err
 
 
-def _read_summary(workdir: str) -> dict:
+def _merge_summary(workdir: Workdir, config: Config, result, export_location: str) -> dict:
+    """The chief's summary.json plus what only the driver knows (Ray's view, the command's wall time)."""
+    workdir.pull("summary.json")
     try:
-        with open(os.path.join(workdir, "summary.json")) as f:
-            return json.load(f)
+        with open(workdir.path("summary.json")) as f:
+            summary = json.load(f)
     except (OSError, ValueError):
-        return {}
-
-
-def _write_summary(workdir: str, summary: dict) -> None:
-    tmp = os.path.join(workdir, "summary.json.tmp")
+        summary = {}
+    metrics = result.metrics or {}
+    if summary.get("step", -1) < metrics.get("step", -1):  # the chief's summary.json is not visible here
+        summary = {"step": metrics["step"], "final_val_accuracy": metrics.get("val_accuracy")}
+    summary.update(status="finished", wall_seconds=round(time.time() - COMMAND_START, 1), export=export_location,
+                   ray={"workers": config.ray.num_workers, "storage_path": storage_path(config), "name": config.ray.name,
+                        "checkpoint": result.checkpoint.path if result.checkpoint else None, "last_report": metrics})
+    tmp = workdir.path("summary.json.tmp")
     with open(tmp, "w") as f:
         json.dump(summary, f, indent=2, default=str)
-    os.replace(tmp, os.path.join(workdir, "summary.json"))
+    os.replace(tmp, workdir.path("summary.json"))
+    workdir.push("summary.json")
+    return summary
 
 
 def train_on_ray(config: Config) -> dict:
@@ -213,42 +251,43 @@ def train_on_ray(config: Config) -> dict:
     from job.export import export
 
     config = config.model_copy(deep=True)
-    config.workdir = os.path.abspath(config.workdir)
-    os.makedirs(config.workdir, exist_ok=True)
     started_ray = _connect(config.ray)
     try:
+        nodes = sum(node["Alive"] for node in ray.nodes())
+        config.workdir = resolve_location("workdir", config.workdir, nodes)
+        config.ray.storage_path = resolve_location("ray.storage_path", storage_path(config), nodes)
         preflight(config)
-        trainer = TensorflowTrainer(
-            _worker_loop,
-            train_loop_config={"config": config.model_dump(mode="json")},
-            scaling_config=scaling_config(config.ray),
-            run_config=run_config(config),
-        )
-        log.info("Ray Train: %d workers x (%s CPU, %s GPU), storage %s", config.ray.num_workers,
-                 config.ray.cpus_per_worker, config.ray.gpus_per_worker if config.ray.use_gpu else 0, storage_path(config))
+        if problem := workdir_problem(config.workdir):
+            raise WorkdirError(problem)
+        workdir = Workdir.open(config.workdir)
         try:
-            result = trainer.fit()
-        except ray.train.TrainingFailedError as err:
-            raise _user_error(err) from err
+            with workdir.claimed(owner=True):  # only now that the inputs are known good
+                result = _fit(config)
+                if result.checkpoint is not None:
+                    # The final checkpoint into the workdir, where export and evaluate look.
+                    with result.checkpoint.as_directory() as directory:
+                        workdir.pull("checkpoints")
+                        adopt_checkpoint(directory, workdir.path("checkpoints"))
+                        workdir.push("checkpoints", last=(INDEX,))
+                return _merge_summary(workdir, config, result, export(config, workdir))
+        finally:
+            workdir.close()
     finally:
         if started_ray:
             ray.shutdown()
 
-    checkpoints_dir = os.path.join(config.workdir, "checkpoints")
-    if result.checkpoint is not None:
-        # A no-op when the workdir is shared with the chief; otherwise the export needs it here.
-        with result.checkpoint.as_directory() as directory:
-            adopt_checkpoint(directory, checkpoints_dir)
-    export_path = export(config, config.workdir)
 
-    metrics = result.metrics or {}
-    summary = _read_summary(config.workdir)
-    if summary.get("step", -1) < metrics.get("step", -1):  # the chief's summary.json is not visible here
-        summary = {"step": metrics["step"], "final_val_accuracy": metrics.get("val_accuracy")}
-    summary.update(status="finished", wall_seconds=round(time.time() - COMMAND_START, 1), export=export_path,
-                   ray={"workers": config.ray.num_workers, "storage_path": storage_path(config), "name": config.ray.name,
-                        "checkpoint": result.checkpoint.path if result.checkpoint else None,
-                        "last_report": metrics})
-    # The chief has finished: the driver adds what only it knows (Ray's view, the driver's wall time).
-    _write_summary(config.workdir, summary)
-    return summary
+def _fit(config: Config):
+    trainer = TensorflowTrainer(
+        _worker_loop,
+        train_loop_config={"config": config.model_dump(mode="json")},
+        scaling_config=scaling_config(config.ray),
+        run_config=run_config(config),
+    )
+    log.info("Ray Train: %d workers x (%s CPU, %s GPU), workdir %s, storage %s", config.ray.num_workers,
+             config.ray.cpus_per_worker, config.ray.gpus_per_worker if config.ray.use_gpu else 0, config.workdir,
+             storage_path(config))
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise _user_error(err) from err

@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import logging
 import os
+import tempfile
 import warnings
 
 import h5py
@@ -180,19 +181,28 @@ def imagenet_weights_file(alpha: float) -> str:
     """Path of Keras's ImageNet no-top weights for `alpha`, downloading into KERAS_HOME if missing.
 
     The 224 px file is used for every input size: convolution weights do not depend on it.
+    The download happens once per node, under a file lock, into a temporary file renamed into
+    place: a second process waits and never reads half a file.
     """
+    from filelock import FileLock
+
     cached = _cached_imagenet_file(alpha)
-    fname, keras_home = os.path.basename(cached), os.path.dirname(os.path.dirname(cached))
+    fname, models = os.path.basename(cached), os.path.dirname(cached)
     if os.path.isfile(cached):
         return cached
     try:
-        return keras.utils.get_file(fname, WEIGHTS_URL + fname, cache_subdir="models")
+        os.makedirs(models, exist_ok=True)
+        with FileLock(cached + ".lock"):
+            if not os.path.isfile(cached):
+                with tempfile.TemporaryDirectory(dir=models) as tmp:
+                    os.replace(keras.utils.get_file(fname, WEIGHTS_URL + fname, cache_dir=tmp, cache_subdir="."), cached)
     except Exception as err:  # noqa: BLE001 - every failure gets the same advice
         raise WeightsError(
-            f"model.weights='imagenet': {fname} is not in {os.path.join(keras_home, 'models')} and could not be "
-            f"downloaded ({type(err).__name__}); set KERAS_HOME to a directory holding models/{fname}, "
+            f"model.weights='imagenet': {fname} is not in {models} and could not be downloaded "
+            f"({type(err).__name__}); set KERAS_HOME to a directory holding models/{fname}, "
             "or model.weights=/path/to/weights.h5"
         ) from None
+    return cached
 
 
 def _load_backbone_weights(backbone: keras.Model, path: str, setting: str) -> None:

@@ -32,7 +32,13 @@ def check_inputs(config: Config, command: str) -> None:
 
 
 def workdir_problem(workdir: str) -> Optional[str]:
-    """Checked without writing: the workdir, or the nearest folder above it that exists, must be a writable directory."""
+    """Checked without writing: a URI's bucket must exist; a path, or the nearest folder above it
+    that exists, must be a writable directory."""
+    from job import storage
+
+    if storage.is_uri(workdir):
+        problem = storage.uri_problem(workdir)
+        return problem and f"workdir={workdir!r}: {problem}"
     path = os.path.abspath(workdir)
     while not os.path.exists(path):
         path = os.path.dirname(path)

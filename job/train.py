@@ -13,6 +13,7 @@ checkpoint, validate, report) after each chunk; `train_and_evaluate` is the reci
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ import tensorflow as tf
 from job import COMMAND_START
 from job import data as data_lib
 from job import features as features_lib
-from job.checkpoints import Checkpoints, claim_workdir
+from job.checkpoints import INDEX, Checkpoints
 from job.config import Config, ConfigError, dump_config
 from job.distribute import is_chief, make_strategy, worker_index
 from job.errors import NonFiniteLoss, Preempted
@@ -36,6 +37,7 @@ from job.model import TransferModel, build_model, set_backbone_trainable
 from job.periodic import Every, chunk_length
 from job.preemption import StopRequests
 from job.preprocess import to_model_input
+from job.storage import Workdir
 from job.step import (CORRECT, LOSS, SKIPPED, STOP, Phase, StepFunctions, global_batch_size, learning_rate_scale,
                       make_optimizer)
 from job.telemetry import History, ProfilerWindow, Scalars, Throughput, progress, unreachable_window
@@ -104,6 +106,11 @@ class Run:
                 optimizer.build(self.trainable(phase))
                 self.optimizers[phase.name] = optimizer
         self._extract = features_lib.FeatureExtractor(self.strategy, self.model.features, self.preprocess)
+
+    def dataset_record(self) -> dict:
+        """What the model was trained on, kept beside its checkpoints (job.checkpoints.DATASET)."""
+        return {"name": self.config.data.name, "num_classes": self.info.num_classes,
+                "class_names": list(self.info.class_names), "image_shape": list(self.info.image_shape)}
 
     @property
     def global_step(self) -> int:
@@ -201,16 +208,15 @@ class Trainer:
     """One process's training: a `Run` plus the workdir's checkpoints, TensorBoard files,
     validation history and stop requests. Only the chief writes shared files."""
 
-    def __init__(self, run: Run, workdir: str, checkpoints: Checkpoints, stop: StopRequests,
+    def __init__(self, run: Run, workdir: Workdir, checkpoints: Checkpoints, stop: StopRequests,
                  reporter: Optional[Reporter] = None):
         self.run, self.workdir, self.checkpoints, self.stop, self.reporter = run, workdir, checkpoints, stop, reporter
         tel = run.config.telemetry
-        tb_dir = os.path.join(workdir, "tensorboard")
-        self.scalars = Scalars(tb_dir if run.chief else None)
+        self.scalars = Scalars(workdir.path("tensorboard") if run.chief else None)
         # Under <tensorboard>/<run>/plugins/profile, so the Profile tab lists it as that run.
-        self.profile_dir = os.path.join(tb_dir, "train") if run.chief else (
-            os.path.join(tb_dir, f"worker_{worker_index(run.strategy)}") if tel.profile_all_workers else None)
-        self.summary_path = os.path.join(workdir, "summary.json")
+        self.profile_run = "tensorboard/train" if run.chief else (
+            f"tensorboard/worker_{worker_index(run.strategy)}" if tel.profile_all_workers else None)
+        self.summary_path = workdir.path("summary.json")
         self.history = History(tel.accuracy_thresholds, self._previous_summary())
 
     def _previous_summary(self) -> dict:
@@ -228,7 +234,8 @@ class Trainer:
         steps = run.step_functions(phase)
         train_data, val_data = run.datasets(phase, position)
         iterator = iter(train_data)
-        profiler = ProfilerWindow(self.profile_dir if tel.profile_phase == phase.name else None, tel.profile_steps)
+        profiled = self.profile_run if tel.profile_phase == phase.name else None
+        profiler = ProfilerWindow(profiled and self.workdir.path(profiled), tel.profile_steps)
         log_every, eval_every = Every(tel.log_every_steps), Every(max(1, round(tel.eval_every_epochs * run.steps_per_epoch)))
         save_every = Every(run.config.checkpoint.every_steps, origin=-phase.first_step)  # global steps
         per_call, window = run.steps_per_call(phase), TrainWindow()
@@ -260,20 +267,24 @@ class Trainer:
                                         f"without saving, last good checkpoint: {self.checkpoints.latest or 'none'}")
                 if log_every.due(before, position) or end:
                     self._log(phase, steps, window, bar)
-                eval_due = eval_every.due(before, position) or end
+                stopping = bool(totals[STOP])
+                eval_due = (eval_every.due(before, position) or end) and not stopping
                 # Each validation checkpoints too, except on cached features: there an epoch takes
                 # less time than a save, and resuming re-extracts the features anyway.
                 saved = None
-                if totals[STOP] or save_every.due(before, position) or end or (eval_due and not cached):
+                if stopping or save_every.due(before, position) or end or (eval_due and not cached):
                     saved = self._save(phase)
-                    if totals[STOP]:
-                        raise Preempted(self._stop_message(saved))
-                if eval_due:
-                    self._validate_and_report(phase, steps, val_data, saved)
+                metrics = self._validate(phase, steps, val_data) if eval_due else None
+                if saved or eval_due:
+                    self._publish(phase, metrics, saved)
+                if stopping:
+                    raise Preempted(self._stop_message(saved))
         finally:
             profiler.stop()
             bar.close()
             self.scalars.flush()
+            if profiled and not self.run.chief:  # the chief's goes with the rest of tensorboard/
+                self.workdir.push(profiled)
 
     def _stop_message(self, saved: str) -> str:
         why = f"signal {self.stop.received}" if self.stop.received else "another worker's stop request"
@@ -301,17 +312,29 @@ class Trainer:
                                 f"stopped without saving, last good checkpoint: {self.checkpoints.latest or 'none'}")
         return self.checkpoints.save(self.run.global_step)
 
-    def _validate_and_report(self, phase: Phase, steps: StepFunctions, val_data, saved: Optional[str]) -> None:
-        metrics = steps.evaluate(val_data) if val_data is not None else None
-        if metrics:
-            self._record_validation(phase, metrics)
+    def _validate(self, phase: Phase, steps: StepFunctions, val_data) -> Optional[dict]:
+        if val_data is None:
+            return None
+        metrics = steps.evaluate(val_data)
+        self._record_validation(phase, metrics)
+        return metrics
+
+    def _publish(self, phase: Phase, metrics: Optional[dict], saved: Optional[str]) -> None:
+        """After a validation point or a checkpoint: persist the checkpoint (Ray's reporter on
+        Ray, else the workdir) and, after a validation, the TensorBoard files, so that a remote
+        workdir can be followed while the run goes on."""
         if self.reporter:
-            # Every validation point, validated or not, so a Ray run has checkpoints even without a val split.
+            # Every worker: Ray's report is a barrier. Every validation point reports, validated
+            # or not, so a Ray run has checkpoints even without a val split.
             report = {"phase": phase.name, "step": self.run.global_step,
                       "weights_sha256": weights_digest(self.run.model.classifier)}
             if metrics:
                 report.update(val_accuracy=metrics["accuracy"], val_loss=metrics["loss"])
             self.reporter(report, self.checkpoints.directory if saved else None)
+        elif saved and self.run.chief:
+            self.workdir.push("checkpoints", mirror=True, last=(INDEX,))
+        if metrics and self.run.chief:
+            self.workdir.push("tensorboard")
 
     def _record_validation(self, phase: Phase, metrics: dict) -> None:
         run, step = self.run, self.run.global_step
@@ -329,6 +352,14 @@ class Trainer:
         if run.chief:
             log.info("validation %s step %d: accuracy %.4f loss %.4f (%.0fs since start)",
                      phase.name, step, metrics["accuracy"], metrics["loss"], elapsed)
+
+    def finish(self, status: str) -> dict:
+        """Write summary.json and persist what the workdir still lacks; the summary."""
+        summary = self.write_summary(status)
+        if self.run.chief:
+            self.workdir.push("tensorboard")
+            self.workdir.push("summary.json")
+        return summary
 
     def write_summary(self, status: str) -> dict:
         run, rows = self.run, self.history.rows
@@ -353,22 +384,31 @@ class Trainer:
         return summary
 
 
-def train_and_evaluate(config: Config, workdir: Optional[str] = None, reporter: Optional[Reporter] = None) -> dict:
-    """Train both phases (resuming from the workdir's checkpoint if any); return the run summary."""
-    workdir = workdir or config.workdir
+def train_and_evaluate(config: Config, workdir: Optional[Workdir] = None, reporter: Optional[Reporter] = None,
+                       restore_from: Optional[str] = None) -> dict:
+    """Train both phases, resuming from the newest checkpoint of `restore_from` (default: the
+    workdir's); return the run summary.
+
+    Without `workdir` this process opens config.workdir and, as the chief, holds it for the
+    run; a launcher that passes one (job.launch) holds it itself.
+    """
     run = Run(config)  # settings, data and weights are checked before anything is written
-    tel = config.telemetry
-    with claim_workdir(workdir, run.chief), \
-            Checkpoints(run.checkpoint(), os.path.join(workdir, "checkpoints"), config.checkpoint.keep, run.chief) as checkpoints, \
-            StopRequests() as stop:
+    own = workdir is None
+    workdir = workdir or Workdir.open(config.workdir)
+    with contextlib.ExitStack() as stack:
+        if own:
+            stack.callback(workdir.close)
+        stack.enter_context(workdir.claimed(own and run.chief))
+        if own:  # a remote workdir's checkpoints and history into local scratch (no-op for a path)
+            workdir.pull("checkpoints")
+            workdir.pull("summary.json")
+        checkpoints = stack.enter_context(Checkpoints(
+            run.checkpoint(), workdir.path("checkpoints"), config.checkpoint.keep, run.chief, run.dataset_record()))
+        stop = stack.enter_context(StopRequests())
         trainer = Trainer(run, workdir, checkpoints, stop, reporter)
         if run.chief:
-            with open(os.path.join(workdir, "config.yaml"), "w") as f:
-                f.write(dump_config(config))
-            profiled = next(p for p in run.phases if p.name == tel.profile_phase)
-            if problem := unreachable_window(tel.profile_steps, profiled.name, profiled.steps):
-                log.warning("%s", problem)
-        restored = checkpoints.restore_latest()
+            _write_config(config, run, workdir)
+        restored = checkpoints.restore_latest(restore_from or workdir.path("checkpoints"))
         if restored:
             log.info("resumed from %s at step %d", restored, run.global_step)
         try:
@@ -376,6 +416,17 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None, reporter: 
                 if run.global_step < phase.end:
                     trainer.run_phase(phase)
         except Preempted:
-            trainer.write_summary("preempted")
+            trainer.finish("preempted")
             raise
-        return trainer.write_summary("finished")
+        return trainer.finish("finished")
+
+
+def _write_config(config: Config, run: Run, workdir: Workdir) -> None:
+    """The resolved config into the workdir; a warning if the profile window lies beyond its phase."""
+    with open(workdir.path("config.yaml"), "w") as f:
+        f.write(dump_config(config))
+    workdir.push("config.yaml")
+    tel = config.telemetry
+    profiled = next(p for p in run.phases if p.name == tel.profile_phase)
+    if problem := unreachable_window(tel.profile_steps, profiled.name, profiled.steps):
+        log.warning("%s", problem)

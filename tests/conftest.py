@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -47,6 +52,28 @@ def tiny(*overrides: str) -> list[str]:
     return list(merged.values())
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(url: str, deadline: float):
+    """GET `url` (loopback) as JSON, gzip or not, retrying until `deadline` while the server starts."""
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                body = response.read()
+                if response.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                return json.loads(body)
+        except OSError as err:  # not listening yet
+            last = err
+            time.sleep(0.2)  # polling interval while the server starts, not synchronisation
+    raise TimeoutError(f"{url}: {last}")
+
+
 @pytest.fixture
 def real_env(monkeypatch):
     """Point TFDS and Keras at ../shared; skip where this checkout has no ../shared."""
@@ -71,3 +98,67 @@ def run_job(*args: str, env: dict | None = None, timeout: float = 600, check: bo
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+class S3:
+    """A real S3-protocol server (moto's `moto_server`) on 127.0.0.1, reached through the
+    standard AWS variables, AWS_ENDPOINT_URL included: what the job reads on any S3-compatible store."""
+
+    def __init__(self, tmp: Path):
+        port = free_port()
+        self.env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+                    "AWS_EC2_METADATA_DISABLED": "true"}
+        self.log = open(tmp / "moto.log", "w")
+        self.process = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
+                                         "-p", str(port)], stdout=self.log, stderr=subprocess.STDOUT)
+        self._buckets = 0
+        deadline = time.monotonic() + 60
+        while True:  # polls the port until the server answers (start-up takes a second or two)
+            try:
+                urllib.request.urlopen(self.env["AWS_ENDPOINT_URL"], timeout=5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError(f"moto_server did not start: {(tmp / 'moto.log').read_text()[-2000:]}")
+                time.sleep(0.2)
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                            aws_secret_access_key="testing", region_name="us-east-1")
+
+    def bucket(self) -> str:
+        """A new, empty bucket; its name."""
+        self._buckets += 1
+        name = f"bucket{self._buckets}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        # Keys ending in "/" are the empty directory markers pyarrow leaves: not files.
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", []) if not item["Key"].endswith("/"))
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    server = S3(tmp_path_factory.mktemp("s3"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    """This process (and the processes it starts) pointed at the S3 server."""
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    return s3

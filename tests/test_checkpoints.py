@@ -39,7 +39,7 @@ def test_a_damaged_index_still_resumes_from_the_newest_checkpoint(tmp_path, inde
 
     with caplog.at_level(logging.WARNING):
         checkpoints = Checkpoints(checkpoint, str(tmp_path), keep=3, chief=True)
-        assert checkpoints.restore_latest() == str(tmp_path / "ckpt-2")
+        assert checkpoints.restore_latest(str(tmp_path)) == str(tmp_path / "ckpt-2")
     assert value.numpy() == 2.0
     # Training goes on: the next save writes a good index; no finished checkpoint is deleted.
     checkpoints.save(3)
@@ -55,7 +55,7 @@ def test_a_worker_reads_past_an_empty_index_without_writing(tmp_path):
     (tmp_path / INDEX).write_text("")
     before = sorted(os.listdir(tmp_path))
     worker = Checkpoints(checkpoint, str(tmp_path), keep=3, chief=False)
-    assert worker.restore_latest() == str(tmp_path / "ckpt-2") and value.numpy() == 2.0
+    assert worker.restore_latest(str(tmp_path)) == str(tmp_path / "ckpt-2") and value.numpy() == 2.0
     worker.close()
     assert sorted(os.listdir(tmp_path)) == before
 
@@ -65,7 +65,7 @@ def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     for data in tmp_path.glob("*.data-*"):
         data.write_bytes(data.read_bytes()[:10])
     with pytest.raises(NoReadableCheckpoint, match="none of the 2 checkpoints"):
-        Checkpoints(checkpoint, str(tmp_path), keep=3, chief=True).restore_latest()
+        Checkpoints(checkpoint, str(tmp_path), keep=3, chief=True).restore_latest(str(tmp_path))
 
 
 def test_export_restores_past_a_damaged_latest_checkpoint(tmp_path):
@@ -84,6 +84,6 @@ def test_export_restores_past_a_damaged_latest_checkpoint(tmp_path):
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
 
     with tfds.testing.mock_data(num_examples=8):
-        restored, path = restore_classifier(config, str(workdir))
+        restored, path, _ = restore_classifier(config, str(workdir))
     assert path == str(workdir / "checkpoints" / "ckpt-1")
     np.testing.assert_array_equal(restored.head.weights[0].numpy(), saved[1])

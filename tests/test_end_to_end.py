@@ -7,22 +7,19 @@ its scalars and profile over HTTP on loopback. Then kill-and-resume.
 
 from __future__ import annotations
 
-import gzip
 import json
-import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import DATASETS, KERAS_HOME, REAL_WEIGHTS, REPO, WEIGHTS, job_env, run_job, tiny
+from tests.conftest import (DATASETS, KERAS_HOME, REAL_WEIGHTS, REPO, WEIGHTS, free_port, http_json, job_env, run_job,
+                            tiny)
 
 pytestmark = pytest.mark.real_data
 REAL = {"TFDS_DATA_DIR": str(DATASETS), "KERAS_HOME": str(KERAS_HOME)}
@@ -85,30 +82,9 @@ def test_evaluate_command_reads_the_checkpoint(finished_run):
     assert report["accuracy"] == pytest.approx(summary["final_val_accuracy"], abs=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get_json(url: str, deadline: float):
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                body = response.read()
-                if response.headers.get("Content-Encoding") == "gzip":
-                    body = gzip.decompress(body)
-                return json.loads(body)
-        except OSError as err:  # not listening yet
-            last = err
-            time.sleep(0.2)  # polling interval while tensorboard starts, not synchronisation
-    raise TimeoutError(f"{url}: {last}")
-
-
 def test_tensorboard_serves_scalars_and_profile_over_http(finished_run):
     workdir, _ = finished_run
-    port = _free_port()
+    port = free_port()
     board = subprocess.Popen(
         [str(Path(sys.executable).with_name("tensorboard")), "--logdir", str(workdir / "tensorboard"),
          "--host", "127.0.0.1", "--port", str(port)],
@@ -117,19 +93,19 @@ def test_tensorboard_serves_scalars_and_profile_over_http(finished_run):
     base = f"http://127.0.0.1:{port}/data"
     try:
         deadline = time.monotonic() + 120
-        tags = _get_json(f"{base}/plugin/scalars/tags", deadline)
+        tags = http_json(f"{base}/plugin/scalars/tags", deadline)
         while "finetune/loss" not in tags.get("train", {}) and time.monotonic() < deadline:
-            tags = _get_json(f"{base}/plugin/scalars/tags", deadline)  # first scan of the logdir
+            tags = http_json(f"{base}/plugin/scalars/tags", deadline)  # first scan of the logdir
         for tag in ("loss", "accuracy", "learning_rate", "images_per_sec", "step_time_ms"):
             assert f"finetune/{tag}" in tags["train"] and f"head/{tag}" in tags["train"]
         assert {"head/accuracy", "finetune/accuracy"} <= set(tags["validation"])
-        points = _get_json(f"{base}/plugin/scalars/scalars?run=train&tag=finetune/loss", deadline)
+        points = http_json(f"{base}/plugin/scalars/scalars?run=train&tag=finetune/loss", deadline)
         assert points and all(np.isfinite(p[2]) for p in points)
 
-        runs = _get_json(f"{base}/plugin/profile/runs", deadline)
+        runs = http_json(f"{base}/plugin/profile/runs", deadline)
         profile_runs = [r for r in runs if r.startswith("train/")]
         assert profile_runs, runs
-        tools = _get_json(f"{base}/plugin/profile/run_tools?run={profile_runs[0]}", deadline)
+        tools = http_json(f"{base}/plugin/profile/run_tools?run={profile_runs[0]}", deadline)
         assert any(t.startswith("trace_viewer") for t in tools) and "overview_page" in tools
     finally:
         board.terminate()

@@ -9,7 +9,6 @@ or a log line with a deadline.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal

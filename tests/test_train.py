@@ -34,7 +34,7 @@ def _weights(workdir, checkpoint=None, alpha=0.35):
     """Classifier weights restored from a workdir's latest (or a named) checkpoint, by name."""
     config = load_config(None, [f"workdir={workdir}", *FAST, f"model.alpha={alpha}"])
     with tfds.testing.mock_data(num_examples=8):
-        model, _ = restore_classifier(config, str(workdir), checkpoint)
+        model, _, _ = restore_classifier(config, str(workdir), checkpoint)
     return {v.path: v.numpy() for v in model.classifier.weights}
 
 

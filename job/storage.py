@@ -1,0 +1,352 @@
+"""Where a run's files live: a local or NFS path, or an object-store URI (s3://, gs://).
+
+TensorFlow 2.21 writes checkpoints, summaries and profiles to local paths only (its gfile
+has gs:// but no s3://), so with a URI every process writes into node-local scratch and
+mirrors what it wrote to the URI through pyarrow.fs (shipped with Ray; it honours the
+standard AWS variables, AWS_ENDPOINT_URL included, so MinIO, Ceph and R2 work too). With a
+local path, `Workdir.local` is the path itself and every push and pull does nothing: one code
+path for both.
+
+A URI never goes through os.path (`os.path.abspath("s3://b/x")` is `<cwd>/s3:/b/x`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from typing import Optional
+
+from job.errors import WorkdirBusy, WorkdirError
+
+log = logging.getLogger(__name__)
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_uri(location: str) -> bool:
+    return bool(_SCHEME.match(location))
+
+
+def join(location: str, *parts: str) -> str:
+    """os.path.join for paths, '/'-joining for URIs."""
+    if not is_uri(location):
+        return os.path.join(location, *parts)
+    return "/".join([location.rstrip("/"), *(p.strip("/") for p in parts if p)])
+
+
+def filesystem(uri: str):
+    """(pyarrow FileSystem, path within it) for a URI."""
+    from pyarrow import fs
+
+    try:
+        return fs.FileSystem.from_uri(uri)
+    except Exception as err:  # noqa: BLE001 - unknown scheme, bad URI, missing credentials...
+        raise WorkdirError(f"{uri!r}: cannot open ({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
+
+
+def uri_problem(uri: str) -> Optional[str]:
+    """Why `uri` cannot be used (no such bucket, no access), checked without writing; None if fine."""
+    from pyarrow import fs
+
+    try:
+        store, path = filesystem(uri)
+        bucket = path.split("/", 1)[0]
+        if store.get_file_info(bucket).type == fs.FileType.NotFound:
+            return f"bucket {bucket!r} does not exist (or is not visible with these credentials)"
+    except WorkdirError as err:
+        return str(err)
+    except OSError as err:
+        return f"cannot reach it ({str(err).splitlines()[0][:160]})"
+    return None
+
+
+def _remote_files(store, root: str) -> dict[str, int]:
+    """{path relative to root: size} of the files under `root` in `store`."""
+    from pyarrow import fs
+
+    if store.get_file_info(root).type != fs.FileType.Directory:
+        return {}
+    return {info.path[len(root):].lstrip("/"): info.size
+            for info in store.get_file_info(fs.FileSelector(root, recursive=True)) if info.type == fs.FileType.File}
+
+
+def _upload(local_path: str, store, remote_path: str) -> None:
+    with open(local_path, "rb") as source, store.open_output_stream(remote_path) as sink:
+        shutil.copyfileobj(source, sink, 1 << 20)
+
+
+def _download(store, remote_path: str, local_path: str) -> None:
+    os.makedirs(os.path.dirname(local_path), exist_ok=True)
+    tmp = local_path + ".part"
+    with store.open_input_stream(remote_path) as source, open(tmp, "wb") as sink:
+        shutil.copyfileobj(source, sink, 1 << 20)
+    os.replace(tmp, local_path)
+
+
+def node_cache(*parts: str) -> str:
+    """A folder on this node shared by the runs on it (data mirrored from URIs): JOB_CACHE_DIR, else ~/.cache/mobilenet-transfer."""
+    root = os.environ.get("JOB_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "mobilenet-transfer")
+    return os.path.join(root, *parts)
+
+
+def fetch_tree(uri: str, local: str, metadata_only: bool = False) -> bool:
+    """Mirror the files under `uri` into `local` once per node; False if `uri` holds none.
+
+    Under a file lock, so two processes on a node never write the same file; a `.complete`
+    marker, written last, makes later calls free. `metadata_only` fetches only the small
+    files (not the record shards), for checks that read a dataset's description.
+    """
+    from filelock import FileLock
+
+    marker = os.path.join(local, ".complete")
+    if os.path.exists(marker):
+        return True
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    with FileLock(local + ".lock"):
+        if os.path.exists(marker):
+            return True
+        store, root = filesystem(uri)
+        files = _remote_files(store, root)
+        for rel in files:
+            is_shard = "tfrecord" in rel or "array_record" in rel
+            if not (metadata_only and is_shard) and not os.path.exists(os.path.join(local, rel)):
+                _download(store, f"{root}/{rel}", os.path.join(local, rel))
+        if files and not metadata_only:
+            open(marker, "w").close()
+        return bool(files)
+
+
+@dataclasses.dataclass
+class Workdir:
+    """A run's workdir: `location` as configured (absolute path or URI) and `local`, the
+    directory this process writes into (the path itself, or node-local scratch for a URI)."""
+
+    location: str
+    local: str
+    # (size, mtime) of each file as last pushed, by local path: only what changed is sent again.
+    _pushed: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def remote(self) -> bool:
+        return is_uri(self.location)
+
+    @classmethod
+    def open(cls, location: str) -> "Workdir":
+        """A local path resolved against the current directory, or a URI with fresh scratch."""
+        if not is_uri(location):
+            path = os.path.abspath(location)
+            return cls(path, path)
+        scratch = tempfile.mkdtemp(prefix="workdir-")
+        return cls(location.rstrip("/"), scratch)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.local, *parts)
+
+    def uri(self, *parts: str) -> str:
+        return join(self.location, *parts)
+
+    def push(self, name: str, mirror: bool = False, last: tuple[str, ...] = ()) -> None:
+        """Send local file or folder `name` to the workdir (changed files only). `mirror` also
+        deletes what is no longer here (rotated checkpoints); files named in `last` go last
+        (an index that names the others)."""
+        if not self.remote:
+            return
+        local = self.path(name)
+        if os.path.isfile(local):
+            files = {"": local}
+        else:
+            files = {os.path.relpath(os.path.join(root, f), local): os.path.join(root, f)
+                     for root, _, names in os.walk(local) for f in names if not f.endswith((".part", ".tmp"))}
+        store, root = filesystem(self.uri(name))
+        order = sorted(files, key=lambda rel: os.path.basename(rel) in last)
+        for rel in order:
+            path = files[rel]
+            stat = os.stat(path)
+            if self._pushed.get(path) != (stat.st_size, stat.st_mtime_ns):
+                _upload(path, store, f"{root}/{rel}" if rel else root)
+                self._pushed[path] = (stat.st_size, stat.st_mtime_ns)
+        if mirror and os.path.isdir(local):
+            for rel in set(_remote_files(store, root)) - set(files):
+                store.delete_file(f"{root}/{rel}")
+
+    def pull(self, name: str, grown_only: bool = False) -> bool:
+        """Fetch file or folder `name` from the workdir into local scratch; False if it has none.
+        `grown_only` skips files whose local copy has the remote size (append-only event files)."""
+        if not self.remote:
+            return os.path.exists(self.path(name))
+        from pyarrow import fs
+
+        store, root = filesystem(self.uri(name))
+        info = store.get_file_info(root)
+        if info.type == fs.FileType.File:
+            _download(store, root, self.path(name))
+            return True
+        files = _remote_files(store, root)
+        for rel, size in files.items():
+            local = self.path(name, rel)
+            if grown_only and os.path.exists(local) and os.path.getsize(local) == size:
+                continue
+            _download(store, f"{root}/{rel}", local)
+            stat = os.stat(local)
+            self._pushed[local] = (stat.st_size, stat.st_mtime_ns)
+        return bool(files)
+
+    def claimed(self, owner: bool):
+        """Create the workdir and, if `owner`, hold it for this run: an flock on a path, a lease on a URI.
+
+        Called once settings, data and weights are known good, so bad input never leaves files behind.
+        """
+        try:
+            os.makedirs(self.local, exist_ok=True)
+        except OSError as err:
+            raise WorkdirError(f"workdir={self.location!r}: cannot create or write it ({err.strerror}: {err.filename})") from None
+        if not owner:
+            return contextlib.nullcontext()
+        return RemoteLease(self) if self.remote else WorkdirLock(self.local)
+
+    def close(self) -> None:
+        """Free the scratch of a URI workdir (what mattered has been pushed)."""
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
+
+
+class WorkdirLock:
+    """An advisory flock on <workdir>/.lock holding the owner's pid; released on exit or crash."""
+
+    def __init__(self, workdir: str):
+        self._path = os.path.join(workdir, ".lock")
+        self._file = None
+
+    def __enter__(self):
+        try:
+            self._file = open(self._path, "a+")
+        except OSError as err:
+            raise WorkdirError(f"workdir={os.path.dirname(self._path)!r}: cannot create or write it "
+                               f"({err.strerror}: {err.filename})") from None
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            owner = self._file.read().strip() or "unknown"
+            self._file.close()
+            self._file = None
+            raise WorkdirBusy(f"workdir {os.path.dirname(self._path)!r} is in use by a live run (pid {owner}); "
+                              "wait for it, stop it, or choose another workdir") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(str(os.getpid()))
+        self._file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
+def claim_workdir(workdir: str, chief: bool):
+    """Create the workdir and, on the chief, take its lock (held until the returned lock exits).
+
+    Called once settings, data and weights are known good, so bad input never leaves files behind.
+    """
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        lock = WorkdirLock(workdir) if chief else contextlib.nullcontext()
+        lock.__enter__()
+    except OSError as err:
+        raise WorkdirError(f"workdir={workdir!r}: cannot create or write it ({err.strerror}: {err.filename})") from None
+    return lock
+
+
+
+class RemoteLease:
+    """Object stores have no flock: the run writes `<workdir>/.lock.json` (run id, host, pid)
+    and rewrites it every HEARTBEAT_SECONDS while it lives; another run refuses the workdir
+    while that lease is fresh, unless it names a process on this host that is gone."""
+
+    NAME = ".lock.json"
+    HEARTBEAT_SECONDS = 60
+    STALE_SECONDS = 300
+
+    def __init__(self, workdir: Workdir):
+        self.workdir = workdir
+        self.record = {"run": uuid.uuid4().hex[:12], "host": socket.gethostname(), "pid": os.getpid(),
+                       "started": _now()}
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _read(self) -> Optional[dict]:
+        store, path = filesystem(self.workdir.uri(self.NAME))
+        try:
+            with store.open_input_stream(path) as f:
+                return json.loads(f.read())
+        except (FileNotFoundError, ValueError):
+            return None
+        except OSError as err:
+            if "not found" in str(err).lower() or "NoSuchKey" in str(err):
+                return None
+            raise
+
+    def _write(self) -> None:
+        store, path = filesystem(self.workdir.uri(self.NAME))
+        with store.open_output_stream(path) as f:
+            f.write(json.dumps({**self.record, "heartbeat": _now()}).encode())
+
+    def _alive(self, other: dict) -> bool:
+        if other["host"] == socket.gethostname():
+            try:
+                os.kill(other["pid"], 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                pass
+        age = time.time() - datetime.datetime.fromisoformat(other["heartbeat"]).timestamp()
+        return age < self.STALE_SECONDS
+
+    def __enter__(self):
+        other = self._read()
+        if other and other["run"] != self.record["run"] and self._alive(other):
+            raise WorkdirBusy(
+                f"workdir {self.workdir.location!r} is in use by run {other['run']} (host {other['host']}, pid "
+                f"{other['pid']}, last seen {other['heartbeat']}); wait for it, stop it, or, if it is dead, delete "
+                f"{self.workdir.uri(self.NAME)}")
+        self._write()
+        # No conditional writes here: two runs that start within the same moment both write;
+        # the later one wins, and the earlier one finds out at once.
+        if (self._read() or {}).get("run") != self.record["run"]:
+            raise WorkdirBusy(f"workdir {self.workdir.location!r} was claimed by another run at the same moment")
+        self._thread = threading.Thread(target=self._beat, name="workdir-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.HEARTBEAT_SECONDS):
+            try:
+                self._write()
+            except OSError as err:  # a passing network fault: the next beat tries again
+                log.warning("could not renew the workdir lease %s: %s", self.workdir.uri(self.NAME), err)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        store, path = filesystem(self.workdir.uri(self.NAME))
+        if (self._read() or {}).get("run") == self.record["run"]:
+            store.delete_file(path)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,148 @@
+"""Workdirs in object storage, on a real S3-protocol server (moto_server) on 127.0.0.1.
+
+The job reaches it as it reaches AWS, MinIO or R2: through the standard AWS variables,
+AWS_ENDPOINT_URL included. One run writes into s3:// from node-local scratch; a rerun with
+no scratch at all resumes from the bucket; `evaluate` and `python -m job tensorboard` read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from job.errors import WorkdirBusy
+from job.storage import RemoteLease, Workdir, is_uri, join
+from tests.conftest import DATASETS, KERAS_HOME, REPO, WEIGHTS, free_port, http_json, job_env, run_job, tiny
+
+
+def test_uris_never_go_through_path_helpers():
+    assert is_uri("s3://b/x") and is_uri("gs://b") and not is_uri("/data/runs") and not is_uri("runs/x")
+    assert join("s3://b/runs/", "ray", "x") == "s3://b/runs/ray/x"
+    assert Workdir.open("s3://b/runs/x/").location == "s3://b/runs/x"
+    local = Workdir.open("runs/x")
+    assert local.location == local.local == os.path.abspath("runs/x") and not local.remote
+
+
+def test_push_sends_changes_mirrors_deletions_and_pull_restores(s3_env, tmp_path):
+    bucket = s3_env.bucket()
+    workdir = Workdir.open(f"s3://{bucket}/run")
+    os.makedirs(workdir.path("checkpoints"))
+    for name, text in [("ckpt-1.index", "a"), ("ckpt-1.data", "b"), ("checkpoint", "ckpt-1")]:
+        with open(workdir.path("checkpoints", name), "w") as f:
+            f.write(text)
+    workdir.push("checkpoints", mirror=True, last=("checkpoint",))
+    os.remove(workdir.path("checkpoints", "ckpt-1.data"))
+    workdir.push("checkpoints", mirror=True)
+    assert s3_env.keys(bucket) == ["run/checkpoints/checkpoint", "run/checkpoints/ckpt-1.index"]
+    workdir.close()
+    assert not os.path.exists(workdir.local)
+
+    fresh = Workdir.open(f"s3://{bucket}/run")
+    assert fresh.pull("checkpoints") and open(fresh.path("checkpoints", "checkpoint")).read() == "ckpt-1"
+    assert not fresh.pull("tensorboard")
+    fresh.close()
+
+
+def test_a_live_lease_refuses_a_second_run_and_a_dead_one_is_taken_over(s3_env):
+    bucket = s3_env.bucket()
+    workdir = Workdir.open(f"s3://{bucket}/run")
+    with RemoteLease(workdir) as first:
+        with pytest.raises(WorkdirBusy, match=rf"in use by run {first.record['run']} \(host {socket.gethostname()}, "
+                                              rf"pid {os.getpid()}"):
+            RemoteLease(Workdir.open(f"s3://{bucket}/run")).__enter__()
+    assert s3_env.keys(bucket) == []  # released
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = RemoteLease(workdir)
+    stale.record["pid"] = dead.pid  # a run on this host whose process is gone
+    stale._write()
+    with RemoteLease(workdir) as second:
+        assert json.loads(s3_env.client().get_object(Bucket=bucket, Key="run/.lock.json")["Body"].read())["run"] == \
+            second.record["run"]
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3, tmp_path_factory):
+    """One real run into s3:// (real data, real weights, a profile), then the same command with
+    one more fine-tune epoch: the rerun has no local scratch left and must resume from the bucket."""
+    if not (DATASETS / "cifar10").is_dir() or not WEIGHTS.is_file():
+        pytest.skip(f"offline CIFAR-10 and weights not found under {DATASETS.parent}")
+    bucket = s3.bucket()
+    scratch = tmp_path_factory.mktemp("scratch")  # TMPDIR: where each process's scratch goes
+    env = {**s3.env, "TFDS_DATA_DIR": str(DATASETS), "KERAS_HOME": str(KERAS_HOME), "TMPDIR": str(scratch)}
+    args = ["train", "configs/tiny.yaml", *tiny("model.image_size=64", "telemetry.profile_steps=[1,3]"),
+            f"workdir=s3://{bucket}/runs/tiny"]
+    first = run_job(*args, env=env, check=True)
+    keys_after_first = s3.keys(bucket)
+    leftovers = sorted(os.listdir(scratch))
+    second = run_job(*args, "train.finetune.epochs=2", env=env, check=True)
+    return bucket, env, first, second, keys_after_first, leftovers
+
+
+@pytest.mark.real_data
+def test_a_run_into_s3_leaves_everything_in_the_bucket(s3_run):
+    bucket, _, first, _, keys, leftovers = s3_run
+    assert json.loads(first.stdout.strip().splitlines()[-1])["step"] == 16
+    prefix = "runs/tiny/"
+    names = [k[len(prefix):] for k in keys]
+    assert {"config.yaml", "summary.json", "checkpoints/checkpoint", "checkpoints/ckpt-16.index",
+            "checkpoints/dataset.json", "export/model.keras", "export/saved_model/saved_model.pb"} <= set(names), names
+    assert any(re.fullmatch(r"tensorboard/train/events\.out\.tfevents\..*", n) for n in names)
+    assert any(re.fullmatch(r"tensorboard/validation/events\.out\.tfevents\..*", n) for n in names)
+    assert any(re.fullmatch(r"tensorboard/train/plugins/profile/[^/]+/[^/]+\.xplane\.pb", n) for n in names)
+    assert ".lock.json" not in names  # the lease is released at the end
+    assert len([n for n in names if n.startswith("checkpoints/ckpt-") and n.endswith(".index")]) <= 3  # rotation mirrored
+    assert leftovers == []  # local scratch is deleted at the end
+
+
+@pytest.mark.real_data
+def test_a_rerun_without_scratch_resumes_from_the_bucket(s3_run, s3):
+    bucket, _, _, second, _, _ = s3_run
+    assert re.search(r"resumed from \S+/checkpoints/ckpt-16 at step 16", second.stderr), second.stderr[-3000:]
+    summary = json.loads(s3.client().get_object(Bucket=bucket, Key="runs/tiny/summary.json")["Body"].read())
+    assert summary["step"] == 24 and summary["status"] == "finished"
+    assert [row["step"] for row in summary["validation_history"]] == [8, 16, 24]  # the history went on
+
+
+@pytest.mark.real_data
+def test_evaluate_reads_the_model_back_from_the_bucket(s3_run):
+    bucket, env, _, second, _, _ = s3_run
+    result = run_job("evaluate", "configs/tiny.yaml", *tiny("model.image_size=64"), f"workdir=s3://{bucket}/runs/tiny",
+                     "data.eval_split=train[49872:]", env=env, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    final = json.loads(second.stdout.strip().splitlines()[-1])["final_val_accuracy"]
+    assert report["examples"] == 128 and report["accuracy"] == pytest.approx(final, abs=1e-6)
+
+
+@pytest.mark.real_data
+def test_tensorboard_command_follows_an_s3_workdir(s3_run):
+    bucket, env, *_ = s3_run
+    port = free_port()
+    board = subprocess.Popen([sys.executable, "-m", "job", "tensorboard", f"s3://{bucket}/runs/tiny", "--port", str(port),
+                              "--every", "5"], cwd=REPO, env=job_env(env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        tags = http_json(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", deadline)
+        while "finetune/loss" not in tags.get("train", {}) and time.monotonic() < deadline:
+            tags = http_json(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", deadline)  # its first scan
+        assert "finetune/loss" in tags["train"] and "finetune/accuracy" in tags["validation"]
+        runs = http_json(f"http://127.0.0.1:{port}/data/plugin/profile/runs", deadline)
+        assert any(r.startswith("train/") for r in runs), runs
+    finally:
+        board.terminate()
+        board.wait(timeout=60)
+
+
+@pytest.mark.real_data
+def test_a_missing_bucket_is_one_line_and_writes_nothing(s3_env, real_env, tmp_path):
+    result = run_job("train", "configs/tiny.yaml", *tiny(), "workdir=s3://no-such-bucket/run", env={**s3_env.env, **real_env})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip() == ("error: workdir='s3://no-such-bucket/run': bucket 'no-such-bucket' does not "
+                                     "exist (or is not visible with these credentials)")
