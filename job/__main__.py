@@ -161,7 +161,8 @@ def _run(args: argparse.Namespace) -> int:
                 summary = train_on_ray(config)
             else:
                 summary = train_and_evaluate(config)
-                export(config, config.workdir)
+                if summary["chief"]:  # the other workers of a multi-worker run write no shared files
+                    export(config, config.workdir)
         except Preempted as stop:
             print(str(stop), file=sys.stderr)
             return 0

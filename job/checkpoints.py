@@ -14,7 +14,6 @@ saving, and copying the newest checkpoint between directories (Ray's reported co
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -39,17 +38,6 @@ def _reason(err: Exception) -> str:
 
 
 INDEX = "checkpoint"  # TensorFlow's index file: the newest checkpoint and those kept
-# Beside the checkpoints: what the model was trained on (classes, their names, image shape),
-# so that export and evaluate need no dataset (job.train.Run.dataset_record).
-DATASET = "dataset.json"
-
-
-def read_dataset_record(directory: str) -> Optional[dict]:
-    try:
-        with open(os.path.join(directory, DATASET)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def _step_of(path: str) -> int:
@@ -86,7 +74,7 @@ def copy_latest_checkpoint(source: str, destination: str) -> int:
     prefix = os.path.basename(candidates[0])
     os.makedirs(destination, exist_ok=True)
     for name in os.listdir(source):
-        if name.startswith(prefix + ".") or name == DATASET:
+        if name.startswith(prefix + "."):
             shutil.copy2(os.path.join(source, name), destination)
     # The CheckpointState text proto CheckpointManager reads. A timestamp after
     # last_preserved_timestamp makes the manager list (and later rotate) this checkpoint.
@@ -145,18 +133,13 @@ class Checkpoints:
     """Save every N steps and restore the newest readable checkpoint; a context manager that
     frees a non-chief's scratch directory however the run ends."""
 
-    def __init__(self, checkpoint: tf.train.Checkpoint, directory: str, keep: int, chief: bool,
-                 dataset_record: Optional[dict] = None):
+    def __init__(self, checkpoint: tf.train.Checkpoint, directory: str, keep: int, chief: bool):
         # Only the chief writes `directory`; the others save into scratch (every worker must
         # take part in a save) and restore from the chief's checkpoints or another source.
         self._scratch = None if chief else tempfile.mkdtemp(prefix="ckpt-worker-")
         self.directory = directory if chief else self._scratch
         self._checkpoint = checkpoint
         self.manager = _open_manager(checkpoint, self.directory, keep)
-        if dataset_record is not None:
-            os.makedirs(self.directory, exist_ok=True)
-            with open(os.path.join(self.directory, DATASET), "w") as f:
-                json.dump(dataset_record, f, indent=1)
 
     def __enter__(self):
         return self

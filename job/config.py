@@ -136,7 +136,10 @@ class RayConfig(_Section):
 
     enabled: bool = False
     address: Optional[str] = None  # None: RAY_ADDRESS if set (as under `ray job submit`), else an embedded local Ray
-    num_workers: int = Field(2, ge=1)
+    # A number, or [min, max]: Ray Train starts as many workers as fit (at least min) and
+    # restarts the group from the last checkpoint when more become available. The global batch
+    # (train.batch_size) stays the same whatever the count; it must divide by every replica count.
+    num_workers: Union[int, tuple[int, int]] = 2
     use_gpu: bool = False
     # Each worker mirrors over its own GPUs and all-reduces across workers, so 8 GPUs can be
     # 8 workers x 1, 2 x 4 or 1 x 8 (one worker is plain MirroredStrategy).
@@ -151,6 +154,27 @@ class RayConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1)
     storage_path: Optional[str] = None  # None: <workdir>/ray
     name: str = "mobilenet-transfer"
+    # A worker silent this long (stopped, hung in a collective, partitioned) ends the attempt,
+    # and Ray restarts the group from the last checkpoint: TF's collective timeout and Ray
+    # Train's report-barrier and health-check timeouts.
+    hang_timeout_s: float = Field(600, gt=0)
+
+    @field_validator("num_workers")
+    @classmethod
+    def _num_workers(cls, value):
+        low, high = (value, value) if isinstance(value, int) else value
+        if not 1 <= low <= high:
+            raise ValueError("must be a number >= 1 or [min, max] with 1 <= min <= max")
+        return value
+
+    def worker_counts(self) -> range:
+        """Every number of workers this run may have."""
+        low, high = (self.num_workers, self.num_workers) if isinstance(self.num_workers, int) else self.num_workers
+        return range(low, high + 1)
+
+    @property
+    def replicas_per_worker(self) -> int:
+        return self.gpus_per_worker if self.use_gpu else 1
 
     @field_validator("resources_per_worker")
     @classmethod
@@ -182,6 +206,9 @@ class Config(_Section):
             raise ValueError(
                 "train.cache_features=true needs train.head.augment='none' (cached features cannot be augmented)"
             )
+        if self.ray.enabled and len(self.ray.worker_counts()) > 1 and self.train.per_replica_batch_size:
+            raise ValueError(f"ray.num_workers={list(self.ray.num_workers)} changes the number of replicas: set the "
+                             "global batch (train.batch_size) and leave train.per_replica_batch_size unset")
         return self
 
     def augment_for(self, phase: str) -> str:
@@ -234,6 +261,8 @@ def _describe(errors: list[dict]) -> str:
     # A value that fits no member of a union fails once per member: say all that is allowed.
     messages = [e["msg"].removeprefix("Value error, ") for e in errors if _setting(e) == where]
     message = "; or ".join(dict.fromkeys(messages))
+    if where == "config":  # a check across settings: its message names them
+        return message
     bad = first.get("input")
     if isinstance(bad, (dict, list)) and first["type"] != "literal_error":
         return f"{where}: {message}"

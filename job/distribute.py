@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 import tensorflow as tf
 
@@ -30,7 +31,9 @@ def split_cpu(devices: int) -> None:
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * devices)
 
 
-def make_strategy(train: TrainConfig) -> tf.distribute.Strategy:
+def make_strategy(train: TrainConfig, collective_timeout_s: Optional[float] = None) -> tf.distribute.Strategy:
+    """The strategy `train.strategy` names (auto: from TF_CONFIG and the devices). A multi-worker
+    collective that waits longer than `collective_timeout_s` fails the step (a stopped worker)."""
     split_cpu(train.cpu_devices)
     name = train.strategy
     if name == "auto" and _tf_config_workers() > 1:
@@ -45,7 +48,8 @@ def make_strategy(train: TrainConfig) -> tf.distribute.Strategy:
             else tf.distribute.experimental.CommunicationImplementation.RING
         )
         return tf.distribute.MultiWorkerMirroredStrategy(
-            communication_options=tf.distribute.experimental.CommunicationOptions(implementation=implementation)
+            communication_options=tf.distribute.experimental.CommunicationOptions(
+                implementation=implementation, timeout_seconds=collective_timeout_s)
         )
     gpus = tf.config.list_logical_devices("GPU")
     cpus = [d.name for d in tf.config.list_logical_devices("CPU")]

@@ -19,11 +19,12 @@ import numpy as np
 import tensorflow as tf
 
 from job import data as data_lib
-from job.checkpoints import DATASET, checkpoints_to_try, read_dataset_record, restore_newest
+from job.checkpoints import checkpoints_to_try, restore_newest
 from job.config import Config
 from job.errors import NoReadableCheckpoint, NothingToLoad
 from job.model import TransferModel, build_model, set_backbone_trainable
 from job.preprocess import to_model_input
+from job.resume import RUN_RECORD, read_run_record
 from job.storage import Workdir
 
 log = logging.getLogger(__name__)
@@ -69,15 +70,15 @@ def exported_model_path(workdir: Workdir) -> str:
 def restore_classifier(config: Config, workdir: str, checkpoint: Optional[str] = None):
     """A float32 TransferModel holding the weights of `checkpoint` (default: the newest in the
     local directory `workdir`/checkpoints that reads back, past damaged ones, as training
-    resumes), that checkpoint's path, and the dataset record saved with it."""
+    resumes), that checkpoint's path, and the run's record (its classes)."""
     directory = os.path.join(workdir, "checkpoints")
     if checkpoint is None and not checkpoints_to_try(directory):
         raise NothingToLoad(f"workdir {workdir!r}: no checkpoint in {directory}")
-    # The classes travel with the checkpoint; older checkpoints without them ask the dataset.
-    record = read_dataset_record(os.path.dirname(checkpoint) if checkpoint else directory)
+    # The classes are in the run's record; a workdir without one asks the dataset.
+    record = read_run_record(workdir)
     if record is None:
         info = data_lib.dataset_info(config.data, [])
-        record = {"name": config.data.name, "num_classes": info.num_classes, "class_names": list(info.class_names),
+        record = {"dataset": config.data.name, "num_classes": info.num_classes, "class_names": list(info.class_names),
                   "image_shape": list(info.image_shape)}
     # weights="none": the checkpoint holds every weight, no need to read ImageNet's.
     model = build_model(config.model, record["num_classes"], weights="none")
@@ -93,12 +94,13 @@ def export(config: Config, location: Union[str, Workdir]) -> str:
     workdir = location if isinstance(location, Workdir) else Workdir.open(location)
     try:
         workdir.pull("checkpoints")
+        workdir.pull(RUN_RECORD)
         model, latest, record = restore_classifier(config, workdir.local)
         served = serving_model(model, config.model.image_size, channels=record["image_shape"][-1] or 3)
         os.makedirs(workdir.path("export"), exist_ok=True)
         served.save(exported_model_path(workdir))
         served.export(workdir.path("export", "saved_model"), format="tf_saved_model", verbose=False)
-        with open(workdir.path("export", DATASET), "w") as f:
+        with open(workdir.path("export", RUN_RECORD), "w") as f:
             json.dump(record, f, indent=1)
         workdir.push("export")
         log.info("exported %s to %s", latest, workdir.uri("export"))
@@ -119,6 +121,7 @@ def evaluate(config: Config, location: str, split: str) -> dict:
     workdir = Workdir.open(location)
     try:
         workdir.pull("checkpoints")
+        workdir.pull(RUN_RECORD)
         try:
             model, source, _ = restore_classifier(config, workdir.local)
             served = serving_model(model, config.model.image_size)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import tempfile
 import time
 from typing import Optional
@@ -37,7 +38,7 @@ from job import COMMAND_START
 from job import storage
 from job.checkpoints import INDEX, adopt_checkpoint, checkpoint_step, copy_latest_checkpoint
 from job.config import Config, RayConfig
-from job.errors import ConfigError, JobError, WorkdirError
+from job.errors import ConfigError, JobError, Preempted, WorkdirError
 from job.preflight import workdir_problem
 from job.storage import Workdir
 
@@ -53,6 +54,47 @@ _ATTEMPT: dict = {}
 
 class ReplicasDiverged(RuntimeError):
     """A worker's weights differ from rank 0's after the same step: the all-reduce is broken."""
+
+
+@ray.remote(num_cpus=0)
+class StopFlag:
+    """Set by the driver when it is asked to stop (SIGTERM); polled by rank 0."""
+
+    def __init__(self):
+        self.reason: Optional[str] = None
+
+    def request(self, reason: str) -> None:
+        self.reason = reason
+
+    def get(self) -> Optional[str]:
+        return self.reason
+
+
+class DriverStopPoll:
+    """A stop source (job.preemption) for rank 0: the driver's StopFlag, asked at most every
+    POLL_SECONDS so that short chunks do not each wait for a round trip."""
+
+    POLL_SECONDS = 2.0
+
+    def __init__(self, flag):
+        self.flag, self.reason, self._next = flag, None, 0.0
+
+    def __call__(self) -> Optional[str]:
+        if self.reason is None and time.monotonic() >= self._next:
+            self._next = time.monotonic() + self.POLL_SECONDS
+            self.reason = ray.get(self.flag.get.remote())
+        return self.reason
+
+
+class FailFast(ray.train.UserCallback):
+    """Ends the run at the first JobError a worker raises (bad input or data found only on the
+    workers, a non-finite loss): retrying cannot fix those. Ray Train 2.60 retries every worker
+    error otherwise; killed workers and lost nodes still are."""
+
+    def after_exception(self, run_context, worker_exceptions: dict) -> None:
+        for error in worker_exceptions.values():
+            if isinstance(error, JobError):
+                raise error
 
 
 # --- inside each Ray worker ------------------------------------------------------
@@ -78,7 +120,8 @@ def _report(metrics: dict, checkpoint_dir: Optional[str]) -> None:
             copy_latest_checkpoint(checkpoint_dir, snapshot)
         os.makedirs(os.path.join(snapshot, "replicas"))
         with open(os.path.join(snapshot, "replicas", f"rank-{rank}.json"), "w") as f:
-            json.dump({**_ATTEMPT, "rank": rank, "step": metrics["step"], "weights_sha256": metrics["weights_sha256"]}, f)
+            json.dump({**_ATTEMPT, "rank": rank, "step": metrics["step"], "weights_sha256": metrics["weights_sha256"],
+                       "stopped": metrics.get("stopped")}, f)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(snapshot),
                          checkpoint_dir_name=f"checkpoint_step{metrics['step']:07d}")
 
@@ -127,8 +170,14 @@ def _worker_loop(payload: dict) -> None:
             raise ConfigError(f"workdir={config.workdir!r}: rank {rank} would resume from step {step}, rank 0 from "
                               "another; on a multi-node cluster the workdir must be a URI or a path every node "
                               "mounts (docs/ray.md)")
+        # Rank 0 asks the driver; its vote reaches every rank in the step's all-reduce.
+        sources = (DriverStopPoll(payload["stop_flag"]),) if rank == 0 else ()
         try:
-            summary = train_and_evaluate(config, workdir, _report, restore_from=source)
+            summary = train_and_evaluate(config, workdir, _report, restore_from=source, stop_sources=sources)
+        except Preempted as stopped:
+            # The checkpoint is saved and reported (with "stopped" in its metrics): the driver decides what next.
+            log.warning("rank %d: %s", rank, stopped)
+            return
         finally:
             workdir.close()
     log.info("rank %d done: step %d, %s over %d replicas", rank, summary["step"], summary["strategy"], summary["replicas"])
@@ -139,7 +188,9 @@ def scaling_config(ray_config: RayConfig) -> ScalingConfig:
     resources = {"CPU": ray_config.cpus_per_worker, **ray_config.resources_per_worker}
     if ray_config.use_gpu:
         resources["GPU"] = ray_config.gpus_per_worker
-    return ScalingConfig(num_workers=ray_config.num_workers, use_gpu=ray_config.use_gpu,
+    # A (min, max) tuple makes Ray Train elastic (a list is refused by Ray).
+    workers = ray_config.num_workers if isinstance(ray_config.num_workers, int) else tuple(ray_config.num_workers)
+    return ScalingConfig(num_workers=workers, use_gpu=ray_config.use_gpu,
                          resources_per_worker=resources, placement_strategy=ray_config.placement_strategy)
 
 
@@ -174,6 +225,7 @@ def run_config(config: Config) -> RunConfig:
         failure_config=FailureConfig(max_failures=config.ray.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=config.ray.keep_checkpoints),
         worker_runtime_env=worker_runtime_env(),
+        callbacks=[FailFast()],
     )
 
 
@@ -216,15 +268,26 @@ def preflight(config: Config) -> None:
 
 
 def _user_error(err: Exception) -> Exception:
-    """The first worker failure that is a JobError (bad input, a non-finite loss), so the CLI reports it as such."""
-    for failure in getattr(err, "worker_failures", {}).values():
+    """The JobError behind a failed run (bad input, a non-finite loss), so the CLI reports it as such."""
+    failures = [getattr(err, "controller_failure", None), *getattr(err, "worker_failures", {}).values()]
+    for failure in failures:
         cause = getattr(failure, "cause", failure)  # Ray may wrap it in a RayTaskError
         if isinstance(cause, JobError):
             return cause
     return err
 
 
-def _merge_summary(workdir: Workdir, config: Config, result, export_location: str) -> dict:
+def check_global_batch(config: Config) -> int:
+    """The global batch, the same for every worker count the run may have; ConfigError if one
+    of them cannot split it evenly. Checked before any worker starts."""
+    from job.step import global_batch_size
+
+    rpw = config.ray.replicas_per_worker
+    batches = {global_batch_size(config.train, workers * rpw) for workers in config.ray.worker_counts()}
+    return batches.pop()  # one value: per_replica_batch_size is refused with a range (job.config)
+
+
+def _merge_summary(workdir: Workdir, config: Config, result, export_location: Optional[str], status: str) -> dict:
     """The chief's summary.json plus what only the driver knows (Ray's view, the command's wall time)."""
     workdir.pull("summary.json")
     try:
@@ -235,7 +298,7 @@ def _merge_summary(workdir: Workdir, config: Config, result, export_location: st
     metrics = result.metrics or {}
     if summary.get("step", -1) < metrics.get("step", -1):  # the chief's summary.json is not visible here
         summary = {"step": metrics["step"], "final_val_accuracy": metrics.get("val_accuracy")}
-    summary.update(status="finished", wall_seconds=round(time.time() - COMMAND_START, 1), export=export_location,
+    summary.update(status=status, wall_seconds=round(time.time() - COMMAND_START, 1), export=export_location,
                    ray={"workers": config.ray.num_workers, "storage_path": storage_path(config), "name": config.ray.name,
                         "checkpoint": result.checkpoint.path if result.checkpoint else None, "last_report": metrics})
     tmp = workdir.path("summary.json.tmp")
@@ -249,6 +312,7 @@ def _merge_summary(workdir: Workdir, config: Config, result, export_location: st
 def train_on_ray(config: Config) -> dict:
     """Train on Ray workers, then export from the final checkpoint; returns the run summary."""
     from job.export import export
+    from job.resume import check_resume
 
     config = config.model_copy(deep=True)
     started_ray = _connect(config.ray)
@@ -256,20 +320,27 @@ def train_on_ray(config: Config) -> dict:
         nodes = sum(node["Alive"] for node in ray.nodes())
         config.workdir = resolve_location("workdir", config.workdir, nodes)
         config.ray.storage_path = resolve_location("ray.storage_path", storage_path(config), nodes)
+        global_batch = check_global_batch(config)
         preflight(config)
         if problem := workdir_problem(config.workdir):
             raise WorkdirError(problem)
         workdir = Workdir.open(config.workdir)
         try:
             with workdir.claimed(owner=True):  # only now that the inputs are known good
-                result = _fit(config)
+                for change in check_resume(workdir, config, global_batch):
+                    log.info("resuming with a changed setting: %s", change)
+                result, stopped_by = _fit_until_done(config)
+                if stopped_by:
+                    summary = _merge_summary(workdir, config, result, None, "preempted")
+                    raise Preempted(f"stopped by {stopped_by} at step {summary['step']}; checkpoint "
+                                    f"{summary['ray']['checkpoint']}; rerun the same command to resume")
                 if result.checkpoint is not None:
                     # The final checkpoint into the workdir, where export and evaluate look.
                     with result.checkpoint.as_directory() as directory:
                         workdir.pull("checkpoints")
                         adopt_checkpoint(directory, workdir.path("checkpoints"))
                         workdir.push("checkpoints", last=(INDEX,))
-                return _merge_summary(workdir, config, result, export(config, workdir))
+                return _merge_summary(workdir, config, result, export(config, workdir), "finished")
         finally:
             workdir.close()
     finally:
@@ -277,14 +348,50 @@ def train_on_ray(config: Config) -> dict:
             ray.shutdown()
 
 
-def _fit(config: Config):
+def _fit_until_done(config: Config):
+    """(Ray's result, why the driver was asked to stop or None). A SIGTERM to this process
+    asks the workers to stop at the next step boundary (they save and report one checkpoint);
+    a second one aborts. A run whose workers stopped because one of them was preempted
+    (SIGTERM) is started again from that checkpoint, up to ray.max_failures times."""
+    # Bounds on a silent worker, for Ray Train's report barrier and health checks (passed on
+    # by Ray to its controller and workers; TF's collectives get the same in job.distribute).
+    for variable in ("RAY_TRAIN_COLLECTIVE_TIMEOUT_S", "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"):
+        os.environ[variable] = str(config.ray.hang_timeout_s)
+    flag, asked = StopFlag.remote(), {}
+
+    def on_sigterm(signum, frame):
+        if asked:
+            raise KeyboardInterrupt
+        asked["reason"] = f"signal {signum} to the driver"
+        log.warning("%s: the workers stop at the next step boundary and save a checkpoint (again to abort)",
+                    asked["reason"])
+        flag.request.remote(asked["reason"])
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        restarts = 0
+        while True:
+            result = _fit(config, flag)
+            stopped = (result.metrics or {}).get("stopped")
+            if not stopped or asked:
+                return result, asked.get("reason")
+            restarts += 1
+            if 0 <= config.ray.max_failures < restarts:
+                return result, f"{stopped} (more than ray.max_failures={config.ray.max_failures} times)"
+            log.warning("workers stopped at step %s by %s: starting them again from that checkpoint (%d of %s)",
+                        result.metrics.get("step"), stopped, restarts, config.ray.max_failures)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _fit(config: Config, stop_flag):
     trainer = TensorflowTrainer(
         _worker_loop,
-        train_loop_config={"config": config.model_dump(mode="json")},
+        train_loop_config={"config": config.model_dump(mode="json"), "stop_flag": stop_flag},
         scaling_config=scaling_config(config.ray),
         run_config=run_config(config),
     )
-    log.info("Ray Train: %d workers x (%s CPU, %s GPU), workdir %s, storage %s", config.ray.num_workers,
+    log.info("Ray Train: %s workers x (%s CPU, %s GPU), workdir %s, storage %s", config.ray.num_workers,
              config.ray.cpus_per_worker, config.ray.gpus_per_worker if config.ray.use_gpu else 0, config.workdir,
              storage_path(config))
     try:

@@ -30,13 +30,14 @@ from job import COMMAND_START
 from job import data as data_lib
 from job import features as features_lib
 from job.checkpoints import INDEX, Checkpoints
-from job.config import Config, ConfigError, dump_config
+from job.config import Config, ConfigError
 from job.distribute import is_chief, make_strategy, worker_index
 from job.errors import NonFiniteLoss, Preempted
 from job.model import TransferModel, build_model, set_backbone_trainable
 from job.periodic import Every, chunk_length
-from job.preemption import StopRequests
+from job.preemption import StopRequests, TfPreemptionNotice
 from job.preprocess import to_model_input
+from job.resume import check_resume, write_run_files
 from job.storage import Workdir
 from job.step import (CORRECT, LOSS, SKIPPED, STOP, Phase, StepFunctions, global_batch_size, learning_rate_scale,
                       make_optimizer)
@@ -78,7 +79,7 @@ class Run:
 
     def __init__(self, config: Config):
         self.config = config
-        self.strategy = make_strategy(config.train)
+        self.strategy = make_strategy(config.train, config.ray.hang_timeout_s if config.ray.enabled else None)
         self.chief = is_chief(self.strategy)
         self.replicas = self.strategy.num_replicas_in_sync
         self.global_batch = global_batch_size(config.train, self.replicas)
@@ -107,10 +108,11 @@ class Run:
                 self.optimizers[phase.name] = optimizer
         self._extract = features_lib.FeatureExtractor(self.strategy, self.model.features, self.preprocess)
 
-    def dataset_record(self) -> dict:
-        """What the model was trained on, kept beside its checkpoints (job.checkpoints.DATASET)."""
-        return {"name": self.config.data.name, "num_classes": self.info.num_classes,
-                "class_names": list(self.info.class_names), "image_shape": list(self.info.image_shape)}
+    def record(self) -> dict:
+        """The run's record (job.resume.RUN_RECORD): the global batch in use and what the model was trained on."""
+        return {"global_batch": self.global_batch, "replicas": self.replicas, "dataset": self.config.data.name,
+                "num_classes": self.info.num_classes, "class_names": list(self.info.class_names),
+                "image_shape": list(self.info.image_shape)}
 
     @property
     def global_step(self) -> int:
@@ -276,7 +278,7 @@ class Trainer:
                     saved = self._save(phase)
                 metrics = self._validate(phase, steps, val_data) if eval_due else None
                 if saved or eval_due:
-                    self._publish(phase, metrics, saved)
+                    self._publish(phase, metrics, saved, stopping)
                 if stopping:
                     raise Preempted(self._stop_message(saved))
         finally:
@@ -287,7 +289,7 @@ class Trainer:
                 self.workdir.push(profiled)
 
     def _stop_message(self, saved: str) -> str:
-        why = f"signal {self.stop.received}" if self.stop.received else "another worker's stop request"
+        why = self.stop.reason() or "another worker's stop request"
         return f"stopped by {why} at step {self.run.global_step}; checkpoint {saved}; rerun the same command to resume"
 
     def _log(self, phase: Phase, steps: StepFunctions, window: TrainWindow, bar) -> None:
@@ -319,7 +321,7 @@ class Trainer:
         self._record_validation(phase, metrics)
         return metrics
 
-    def _publish(self, phase: Phase, metrics: Optional[dict], saved: Optional[str]) -> None:
+    def _publish(self, phase: Phase, metrics: Optional[dict], saved: Optional[str], stopping: bool = False) -> None:
         """After a validation point or a checkpoint: persist the checkpoint (Ray's reporter on
         Ray, else the workdir) and, after a validation, the TensorBoard files, so that a remote
         workdir can be followed while the run goes on."""
@@ -330,6 +332,8 @@ class Trainer:
                       "weights_sha256": weights_digest(self.run.model.classifier)}
             if metrics:
                 report.update(val_accuracy=metrics["accuracy"], val_loss=metrics["loss"])
+            if stopping:  # tells the launcher why the run ends here
+                report["stopped"] = self.stop.reason() or "another worker's stop request"
             self.reporter(report, self.checkpoints.directory if saved else None)
         elif saved and self.run.chief:
             self.workdir.push("checkpoints", mirror=True, last=(INDEX,))
@@ -370,6 +374,7 @@ class Trainer:
             "global_batch": run.global_batch,
             "replicas": run.replicas,
             "strategy": type(run.strategy).__name__,
+            "chief": run.chief,
             "images_seen": run.global_step * run.global_batch,
             "wall_seconds": round(time.time() - COMMAND_START, 1),
             "final_val_accuracy": rows[-1]["val_accuracy"] if rows else None,
@@ -385,7 +390,7 @@ class Trainer:
 
 
 def train_and_evaluate(config: Config, workdir: Optional[Workdir] = None, reporter: Optional[Reporter] = None,
-                       restore_from: Optional[str] = None) -> dict:
+                       restore_from: Optional[str] = None, stop_sources: tuple = ()) -> dict:
     """Train both phases, resuming from the newest checkpoint of `restore_from` (default: the
     workdir's); return the run summary.
 
@@ -402,9 +407,14 @@ def train_and_evaluate(config: Config, workdir: Optional[Workdir] = None, report
         if own:  # a remote workdir's checkpoints and history into local scratch (no-op for a path)
             workdir.pull("checkpoints")
             workdir.pull("summary.json")
+        if own:  # a launcher (job.launch) checks these before any worker starts
+            for change in check_resume(workdir, config, run.global_batch):
+                log.info("resuming with a changed setting: %s", change)
         checkpoints = stack.enter_context(Checkpoints(
-            run.checkpoint(), workdir.path("checkpoints"), config.checkpoint.keep, run.chief, run.dataset_record()))
-        stop = stack.enter_context(StopRequests())
+            run.checkpoint(), workdir.path("checkpoints"), config.checkpoint.keep, run.chief))
+        if isinstance(run.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            stop_sources = (*stop_sources, TfPreemptionNotice())
+        stop = stack.enter_context(StopRequests(stop_sources))
         trainer = Trainer(run, workdir, checkpoints, stop, reporter)
         if run.chief:
             _write_config(config, run, workdir)
@@ -422,10 +432,9 @@ def train_and_evaluate(config: Config, workdir: Optional[Workdir] = None, report
 
 
 def _write_config(config: Config, run: Run, workdir: Workdir) -> None:
-    """The resolved config into the workdir; a warning if the profile window lies beyond its phase."""
-    with open(workdir.path("config.yaml"), "w") as f:
-        f.write(dump_config(config))
-    workdir.push("config.yaml")
+    """The resolved config and the run's record into the workdir; a warning if the profile
+    window lies beyond its phase."""
+    write_run_files(workdir, config, run.record())
     tel = config.telemetry
     profiled = next(p for p in run.phases if p.name == tel.profile_phase)
     if problem := unreachable_window(tel.profile_steps, profiled.name, profiled.steps):

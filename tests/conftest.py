@@ -162,3 +162,15 @@ def s3_env(s3, monkeypatch):
     for key, value in s3.env.items():
         monkeypatch.setenv(key, value)
     return s3
+
+
+@pytest.fixture(scope="session")
+def cluster(s3):
+    """A two-node Ray cluster on loopback (tests.ray_helpers.LocalCluster) that reaches the S3 server."""
+    from tests.ray_helpers import LocalCluster, data_env
+
+    local = LocalCluster({**data_env(), **s3.env})
+    try:
+        yield local
+    finally:
+        local.stop()

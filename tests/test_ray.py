@@ -3,8 +3,7 @@
 replaces and that resumes from the last checkpoint, and the cluster/ configs checked by
 Ray's own validator.
 
-The cluster is stopped by ending the `ray start --block` processes this module started (and
-whatever they left), never with `ray stop`, which ends every Ray on the machine.
+The two-node cluster is the session's (tests.conftest.cluster, tests.ray_helpers.LocalCluster).
 """
 
 from __future__ import annotations
@@ -12,172 +11,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shlex
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
-from tests.conftest import DATASETS, KERAS_HOME, REPO, WEIGHTS, job_env, run_job, tiny
+from tests.conftest import REPO, run_job
 
-RAY = str(Path(sys.executable).with_name("ray"))
-
-# A few steps: 128 images = 4 steps an epoch at batch 32, each phase one epoch, 32 px,
-# random weights (the point is distribution, not accuracy).
-TINY_RAY = tiny("data.train_split=train[:128]", "data.val_split=train[49936:]", "checkpoint.every_steps=1000",
-                "ray.num_workers=2", "ray.cpus_per_worker=1")
-
-
-def _data_env() -> dict:
-    if not (DATASETS / "cifar10").is_dir() or not WEIGHTS.is_file():
-        pytest.skip(f"offline CIFAR-10 and weights not found under {DATASETS.parent}")
-    return {"TFDS_DATA_DIR": str(DATASETS), "KERAS_HOME": str(KERAS_HOME)}
-
-
-def _wait_for(condition, timeout: float, what: str, interval: float = 0.5, alive=None):
-    """Poll `condition()` until it returns something truthy; fail after `timeout` s or if `alive()` turns False."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if alive is not None and not alive():
-            raise AssertionError(f"the process ended while waiting for {what}")
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _digests(run_dir: Path) -> dict:
-    """{step: {rank: weights sha256}} from the replica records each worker adds to Ray's checkpoints."""
-    found: dict = {}
-    for record in run_dir.glob("checkpoint_step*/replicas/rank-*.json"):
-        entry = json.loads(record.read_text())
-        found.setdefault(entry["step"], {})[entry["rank"]] = entry["weights_sha256"]
-    return found
-
-
-class LocalCluster:
-    """A head and a second node, each a `ray start --block` with 1 CPU, on loopback.
-
-    The nodes are 127.0.0.2 and 127.0.0.3: Ray swaps 127.0.0.1 for the host's routable IP
-    (services.resolve_ip_for_localhost), other loopback addresses it keeps, and two node IPs
-    make them two nodes to Ray Train as well (node_rank).
-    """
-
-    def __init__(self, env: dict):
-        self.tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-        self.head_ip = "127.0.0.2"
-        (self.gcs, self.dashboard, client, *self._ports) = _free_ports(11)
-        # Our own token: independent of ~/.ray/auth_token, which other Ray users on the box share.
-        self.env = job_env({**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-                            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
-        self.env.pop("RAY_ADDRESS", None)
-        self.address = f"http://127.0.0.1:{self.dashboard}"
-        self.processes: list[subprocess.Popen] = []
-        head = ["--head", f"--port={self.gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}",
-                f"--ray-client-server-port={client}"]
-        try:
-            self._start("head", "127.0.0.2", head + self._agent_ports(0))
-            _wait_for(self._job_server_up, 120, "the head's job server")
-            self._start("node2", "127.0.0.3", [f"--address={self.head_ip}:{self.gcs}"] + self._agent_ports(4))
-            _wait_for(lambda: self._alive_nodes() == 2, 120, "2 alive nodes")
-        except BaseException:
-            self.stop()  # no fixture will: leave no Ray processes behind
-            raise
-
-    def _agent_ports(self, first: int) -> list[str]:
-        # Every node on this host needs its own agent ports, or the second collides with the first.
-        p = self._ports[first:first + 4]
-        return [f"--dashboard-agent-listen-port={p[0]}", f"--dashboard-agent-grpc-port={p[1]}",
-                f"--runtime-env-agent-port={p[2]}", f"--metrics-export-port={p[3]}"]
-
-    def _start(self, name: str, ip: str, args: list[str]) -> None:
-        # Each node its own temp dir: sharing one, each node's log monitor would forward both nodes' logs.
-        temp_dir = os.path.join(self.tmp, name)
-        with open(os.path.join(self.tmp, f"{name}.log"), "w") as log:
-            self.processes.append(subprocess.Popen(
-                [RAY, "start", "--block", f"--node-ip-address={ip}", "--num-cpus=1", f"--temp-dir={temp_dir}",
-                 "--disable-usage-stats", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT))
-
-    def _ray(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([RAY, *args], env=self.env, capture_output=True, text=True, timeout=60)
-
-    def _job_server_up(self) -> bool:
-        return self._ray("job", "list", "--address", self.address).returncode == 0
-
-    def _alive_nodes(self) -> int:
-        listed = self._ray("list", "nodes", "--address", self.address, "--format", "json")
-        try:
-            nodes = json.loads(listed.stdout) if listed.returncode == 0 else []
-        except ValueError:  # before any node registers, it prints "No resource in the cluster"
-            nodes = []
-        return sum(node.get("state") == "ALIVE" for node in nodes)
-
-    def log(self, name: str) -> str:
-        return Path(self.tmp, f"{name}.log").read_text()
-
-    def stop(self) -> None:
-        """SIGTERM to our `ray start --block` processes and everything they started, all at
-        once (one by one, Ray's graceful shutdown takes half a minute); SIGKILL what is left."""
-        ours = []
-        for process in self.processes:
-            try:
-                parent = psutil.Process(process.pid)
-                ours += [parent, *parent.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                pass
-        for process in ours:
-            try:
-                process.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, left = psutil.wait_procs(ours, timeout=15)
-        for process in left:
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
-        for process in self.processes:
-            process.wait(timeout=30)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def cluster(s3):
-    local = LocalCluster({**_data_env(), **s3.env})  # every node reaches the S3 server
-    try:
-        yield local
-    finally:
-        local.stop()
-
-
-def _snapshot_has_checkpoint(run_dir: Path):
-    """Ray's record of a registered (fully persisted) checkpoint, or None."""
-    try:
-        state = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return state.get("latest_checkpoint_result")
+from tests.ray_helpers import (TINY_RAY, digests, replica_records, s3_snapshot_has_checkpoint, snapshot_has_checkpoint,
+                               wait_for)
 
 
 @pytest.mark.ray
@@ -210,20 +55,20 @@ def test_two_local_workers_agree_and_report(tmp_path, real_env):
     assert json.loads(result.stdout.strip().splitlines()[-1])["step"] == 8
 
     run_dir = workdir / "ray" / "mobilenet-transfer"
-    digests = _digests(run_dir)
-    assert sorted(digests) == [4, 8], digests  # one checkpointed report per epoch: head, finetune
-    for step, by_rank in digests.items():
+    by_step = digests(run_dir)
+    assert sorted(by_step) == [4, 8], by_step  # one checkpointed report per epoch: head, finetune
+    for step, by_rank in by_step.items():
         assert sorted(by_rank) == [0, 1] and by_rank[0] == by_rank[1], (step, by_rank)
-    assert digests[4][0] != digests[8][0]  # and they did train
+    assert by_step[4][0] != by_step[8][0]  # and they did train
 
     summary = json.loads((workdir / "summary.json").read_text())
     report = summary["ray"]["last_report"]
     assert report["step"] == 8 and report["phase"] == "finetune" and 0 <= report["val_accuracy"] <= 1
-    assert report["weights_sha256"] == digests[8][0]
+    assert report["weights_sha256"] == by_step[8][0]
     assert summary["ray"]["checkpoint"] == str(run_dir / "checkpoint_step0000008")
     assert sorted(p.name for p in run_dir.glob("checkpoint_step*")) == ["checkpoint_step0000004", "checkpoint_step0000008"]
     assert (run_dir / "checkpoint_step0000008" / "ckpt-8.index").is_file()
-    assert _snapshot_has_checkpoint(run_dir)
+    assert snapshot_has_checkpoint(run_dir)
 
     assert sorted(p.name for p in (workdir / "checkpoints").glob("*.index")) == ["ckpt-4.index", "ckpt-8.index"]
     assert (workdir / "export" / "model.keras").is_file()
@@ -250,25 +95,10 @@ def test_job_submit_to_two_node_cluster(cluster, tmp_path):
     assert "node_rank=1" in output  # STRICT_SPREAD: the second worker ran on the second node
     run_dir = storage / "submitted"
     assert (run_dir / "checkpoint_step0000008" / "ckpt-8.index").is_file()
-    assert _snapshot_has_checkpoint(run_dir)
+    assert snapshot_has_checkpoint(run_dir)
     assert (workdir / "export" / "saved_model" / "saved_model.pb").is_file()
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["step"] == 8 and summary["ray"]["workers"] == 2
-
-
-def _s3_snapshot_has_checkpoint(s3, bucket: str, run: str):
-    """Ray's record of a registered (fully persisted) checkpoint in the bucket, or None."""
-    if f"{run}/checkpoint_manager_snapshot.json" not in s3.keys(bucket, run):
-        return None
-    body = s3.client().get_object(Bucket=bucket, Key=f"{run}/checkpoint_manager_snapshot.json")["Body"].read()
-    return json.loads(body).get("latest_checkpoint_result")
-
-
-def _replica_records(s3, bucket: str, prefix: str) -> list[dict]:
-    """The replica records every worker adds to each checkpoint Ray keeps in the bucket."""
-    client = s3.client()
-    return [json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
-            for key in s3.keys(bucket, prefix) if re.search(r"/replicas/rank-\d+\.json$", key)]
 
 
 @pytest.mark.ray
@@ -289,9 +119,9 @@ def test_killed_worker_resumes_from_the_bucket(cluster, s3, tmp_path):
         alive = lambda: job.poll() is None  # noqa: E731
         # Registered by Ray's controller (in its snapshot), not only uploaded: a worker killed
         # between the two would rightly restart from the checkpoint before.
-        _wait_for(lambda: _s3_snapshot_has_checkpoint(s3, bucket, "run/ray/faulty"), 400,
+        wait_for(lambda: s3_snapshot_has_checkpoint(s3, bucket, "run/ray/faulty"), 400,
                   "Ray's first registered checkpoint", alive=alive)
-        first = [r for r in _replica_records(s3, bucket, "run/ray/faulty/") if r["rank"] == 1][0]
+        first = [r for r in replica_records(s3, bucket, "run/ray/faulty/") if r["rank"] == 1][0]
         os.kill(first["pid"], signal.SIGKILL)
         job.wait(timeout=500)
     finally:
@@ -302,7 +132,7 @@ def test_killed_worker_resumes_from_the_bucket(cluster, s3, tmp_path):
     summary = json.loads(s3.client().get_object(Bucket=bucket, Key="run/summary.json")["Body"].read())
     assert summary["step"] == 16 and summary["status"] == "finished"
     # The checkpoints Ray kept (the newest 2) were written by the restarted group.
-    records = _replica_records(s3, bucket, "run/ray/faulty/")
+    records = replica_records(s3, bucket, "run/ray/faulty/")
     retried = [r for r in records if r["pid"] != first["pid"] and r["step"] > first["step"]]
     assert sorted({r["rank"] for r in retried}) == [0, 1], records
     for record in retried:

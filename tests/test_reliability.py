@@ -421,3 +421,39 @@ def test_resumed_pipeline_sees_the_same_batches(real_env):
     for (images, labels), (images_r, labels_r) in zip(uninterrupted, resumed):
         np.testing.assert_array_equal(labels.numpy(), labels_r.numpy())
         np.testing.assert_array_equal(images.numpy(), images_r.numpy())
+
+
+# --- 7: changed settings on resume ---------------------------------------------------------------
+
+
+@pytest.mark.real_data
+def test_a_rerun_that_changes_what_a_step_means_is_refused(killed_run, offline, tmp_path):
+    source, overrides = killed_run
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    before = (workdir / "config.yaml").read_text()
+    result = run_job("train", CONFIG, *overrides, "train.batch_size=16", "data.train_split=train[:512]",
+                     f"workdir={workdir}", env=offline)
+    line = one_error_line(result)
+    assert result.returncode == 2
+    assert line == (f"error: workdir {str(workdir)!r} holds a run whose saved steps mean something else with these "
+                    "settings: global batch 32 before, 16 now; data.train_split 'train[:1024]' before, 'train[:512]' "
+                    "now; use another workdir, or set them back"), line
+    assert (workdir / "config.yaml").read_text() == before
+
+
+@pytest.mark.real_data
+def test_a_rerun_with_safe_changes_resumes_and_keeps_the_old_config(killed_run, offline, tmp_path):
+    source, overrides = killed_run
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    before = (workdir / "config.yaml").read_text()
+    result = run_job("train", CONFIG, *overrides, "train.head.learning_rate=0.002", "telemetry.log_every_steps=4",
+                     f"workdir={workdir}", env=offline)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "resuming with a changed setting: train.head.learning_rate 0.001 -> 0.002" in result.stderr
+    assert "resuming with a changed setting: telemetry.log_every_steps 2 -> 4" in result.stderr
+    kept = list(workdir.glob("config.*.yaml"))
+    assert len(kept) == 1 and kept[0].read_text() == before
+    assert "learning_rate: 0.002" in (workdir / "config.yaml").read_text()
+    assert json.loads((workdir / "summary.json").read_text())["step"] == 32

@@ -93,7 +93,7 @@ def test_a_run_into_s3_leaves_everything_in_the_bucket(s3_run):
     prefix = "runs/tiny/"
     names = [k[len(prefix):] for k in keys]
     assert {"config.yaml", "summary.json", "checkpoints/checkpoint", "checkpoints/ckpt-16.index",
-            "checkpoints/dataset.json", "export/model.keras", "export/saved_model/saved_model.pb"} <= set(names), names
+            "run.json", "export/model.keras", "export/saved_model/saved_model.pb"} <= set(names), names
     assert any(re.fullmatch(r"tensorboard/train/events\.out\.tfevents\..*", n) for n in names)
     assert any(re.fullmatch(r"tensorboard/validation/events\.out\.tfevents\..*", n) for n in names)
     assert any(re.fullmatch(r"tensorboard/train/plugins/profile/[^/]+/[^/]+\.xplane\.pb", n) for n in names)
