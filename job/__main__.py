@@ -132,7 +132,8 @@ def _run(args: argparse.Namespace) -> int:
     # tf.distribute every reduction it plans.
     logging.getLogger("absl").setLevel(logging.ERROR)
     logging.getLogger("tensorflow").setLevel(logging.WARNING)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow's native start-up lines (oneDNN, CUDA probing): off unless telemetry.verbose.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if config.telemetry.verbose else "2")
     from job.errors import WorkdirError
     from job.preflight import check_inputs, workdir_problem
 

@@ -94,7 +94,6 @@ def onednn_enabled() -> bool:
 
 def effective_settings(run, steps, iterator, cached: bool, per_call: int) -> dict:
     config = run.config
-    threads = tf.config.threading
     return {
         "strategy": type(run.strategy).__name__,
         "replicas": run.replicas,
@@ -110,9 +109,11 @@ def effective_settings(run, steps, iterator, cached: bool, per_call: int) -> dic
         "onednn": onednn_enabled(),
         # BatchNorm layers folded into their convolutions (0: model.fold_batchnorm off).
         "batchnorm_folded": len(run.model.folds),
-        # 0 means TensorFlow's default: one thread per core.
-        "intra_op_threads": threads.get_intra_op_parallelism_threads() or os.cpu_count(),
-        "inter_op_threads": threads.get_inter_op_parallelism_threads() or os.cpu_count(),
+        "devices": run.devices,
+        "intra_op_threads": run.threads["intra_op"],
+        "inter_op_threads": run.threads["inter_op"],
+        "tf_data_threads": run.threads["tf_data"],
+        "threads_from": run.threads["from"],
     }
 
 
@@ -352,7 +353,9 @@ def format_table(report: dict) -> str:
                      f"{100 * f['utilization_step']:.1f}% of a {s['compute_dtype']} matmul's {_fmt_flops(f['matmul_peak'])}FLOP/s")
         lines.append(f"  (f) in effect               {s['strategy']} x{s['replicas']}, {s['precision']}, XLA {'on' if s['xla_in_step'] else 'off'}"
                      f" (requested {'on' if s['xla_requested'] else 'off'}), steps_per_call {s['steps_per_call']}, resize on {s['resize_on']}, "
-                     f"BatchNorm folded into {s['batchnorm_folded']} convolutions, oneDNN {'on' if s['onednn'] else 'off'}, threads {s['intra_op_threads']}/{s['inter_op_threads']}")
+                     f"BatchNorm folded into {s['batchnorm_folded']} convolutions, oneDNN {'on' if s['onednn'] else 'off'}, "
+                     f"threads {s['intra_op_threads']} intra-op / {s['inter_op_threads']} inter-op / {s['tf_data_threads']} tf.data "
+                     f"({s['threads_from']}), devices {', '.join(s['devices'])}")
     return "\n".join(lines)
 
 

@@ -85,9 +85,10 @@ class TrainConfig(_Section):
     batch_size: int = Field(64, ge=1)
     # If set, the global batch is this times the number of replicas (batch_size is ignored).
     per_replica_batch_size: Optional[int] = Field(None, ge=1)
-    # Learning rates are given for `base_batch_size`; "linear" scales them by
-    # global_batch / base_batch_size (Goyal et al. 2017), "none" uses them as given.
-    lr_scaling: Literal["linear", "none"] = "none"
+    # Learning rates are given for `base_batch_size`; with another global batch B they are
+    # scaled by sqrt(B / base) ("sqrt", the rule for Adam-family optimizers: docs/ray.md),
+    # B / base ("linear", Goyal et al. 2017, for SGD with momentum), or not at all ("none").
+    lr_scaling: Literal["sqrt", "linear", "none"] = "none"
     base_batch_size: int = Field(64, ge=1)
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     head: PhaseConfig = PhaseConfig(epochs=2, learning_rate=1e-3)
@@ -97,6 +98,9 @@ class TrainConfig(_Section):
     # Split the host CPU into this many logical devices (lets `mirrored` run on a CPU box).
     cpu_devices: int = Field(1, ge=1, le=64)
     jit_compile: bool = False
+    # Refuse to start (exit 2) unless TensorFlow sees a GPU: a GPU recipe must not silently
+    # run for hours on the CPU because CUDA did not load.
+    require_gpu: bool = False
     steps_per_call: int = Field(1, ge=1, le=1000)
     # Frozen phase without augmentation: compute backbone features once, train the head on
     # them. "auto" does so whenever it is exactly equivalent. (A bool, not "on"/"off": YAML
@@ -117,7 +121,11 @@ class TelemetryConfig(_Section):
     profile_steps: Optional[tuple[int, int]] = (10, 15)
     profile_phase: Literal["head", "finetune"] = "finetune"
     profile_all_workers: bool = False
+    # Progress: a live bar on a terminal; elsewhere (log files, Ray) a line at most every progress_every_s.
     progress_bar: bool = True
+    progress_every_s: float = Field(30.0, ge=0)
+    # Everything TensorFlow and Ray print (native start-up lines, every Ray worker's output) on the console.
+    verbose: bool = False
     # Validation accuracies whose first crossing is recorded as time-to-accuracy.
     accuracy_thresholds: list[float] = [0.5, 0.8, 0.85, 0.9, 0.95]
     # Validate (and checkpoint) this often within a phase, and always at its end.
@@ -158,6 +166,9 @@ class RayConfig(_Section):
     # and Ray restarts the group from the last checkpoint: TF's collective timeout and Ray
     # Train's report-barrier and health-check timeouts.
     hang_timeout_s: float = Field(600, gt=0)
+    # With use_gpu on a running cluster: how long to wait for the autoscaler to bring the GPUs
+    # the run needs before giving up (exit 2). An embedded Ray has what it has: no wait.
+    gpu_wait_s: float = Field(600, ge=0)
 
     @field_validator("num_workers")
     @classmethod

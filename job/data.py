@@ -33,8 +33,19 @@ with epy.lazy_imports():
 AUTOTUNE = -1  # tf.data.AUTOTUNE, spelled out so that importing this module stays light
 
 
-def without_autotune_model(ds):
-    """`ds` without tf.data's background autotuning model; AUTOTUNE parallelism becomes the core count.
+# tf.data's own thread pool size for every pipeline; None: one thread per core of the host.
+# job.distribute.configure_threads sets it to the process's CPU share.
+_PIPELINE_THREADS: Optional[int] = None
+
+
+def set_pipeline_threads(threads: Optional[int]) -> None:
+    global _PIPELINE_THREADS
+    _PIPELINE_THREADS = threads
+
+
+def pipeline_options(ds):
+    """`ds` without tf.data's background autotuning model, and with a thread pool of the process's
+    CPU share (job.distribute.configure_threads); AUTOTUNE parallelism then means that many threads.
 
     In TensorFlow 2.21 deleting an iterator whose model thread runs waits for that thread's
     next scheduled wake-up, which backs off to a minute: measured 32 s after 50 s of
@@ -42,6 +53,8 @@ def without_autotune_model(ds):
     """
     options = tf.data.Options()
     options.autotune.enabled = False
+    if _PIPELINE_THREADS:
+        options.threading.private_threadpool_size = _PIPELINE_THREADS
     return ds.with_options(options)
 
 
@@ -237,7 +250,7 @@ def train_dataset(
             images = to_model_input(images, image_size)
         return images, labels
 
-    return without_autotune_model(ds.map(prepare, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE))
+    return pipeline_options(ds.map(prepare, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE))
 
 
 def eval_dataset(
@@ -251,4 +264,4 @@ def eval_dataset(
     ds = load_images(data, split, input_context).batch(batch_size)
     if data.resize_on == "host":
         ds = ds.map(lambda images, labels: (to_model_input(images, image_size), labels), num_parallel_calls=AUTOTUNE)
-    return without_autotune_model(ds.prefetch(AUTOTUNE))
+    return pipeline_options(ds.prefetch(AUTOTUNE))

@@ -70,6 +70,18 @@ def make_strategy(train: TrainConfig, collective_timeout_s: Optional[float] = No
     return tf.distribute.get_strategy()
 
 
+def check_gpus(config) -> None:
+    """DeviceError if the config expects GPUs (train.require_gpu, or ray.use_gpu on a worker) and
+    TensorFlow sees none: a TensorFlow that cannot load CUDA falls back to the CPU silently."""
+    from job.errors import DeviceError
+
+    wanted = "train.require_gpu=true" if config.train.require_gpu else (
+        "ray.use_gpu=true" if config.ray.enabled and config.ray.use_gpu else None)
+    if wanted and not tf.config.list_physical_devices("GPU"):
+        raise DeviceError(f"{wanted} but TensorFlow sees no GPU here (no GPU, or CUDA did not load: "
+                          "pip install -e '.[gpu]'); set train.require_gpu=false to run on the CPU")
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:
@@ -81,3 +93,52 @@ def worker_index(strategy: tf.distribute.Strategy) -> int:
     resolver = getattr(strategy, "cluster_resolver", None)
     return int(resolver.task_id or 0) if resolver is not None and resolver.task_type else 0
 
+
+
+def container_cpus() -> Optional[float]:
+    """The CPU quota of this process's container (cgroup v2 or v1) or affinity mask, if below the host's cores."""
+    quota = None
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            limit, period = f.read().split()
+        if limit != "max":
+            quota = int(limit) / int(period)
+    except (OSError, ValueError):
+        try:
+            with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f, open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as g:
+                limit, period = int(f.read()), int(g.read())
+            quota = limit / period if limit > 0 else None
+        except (OSError, ValueError):
+            pass
+    allowed = len(os.sched_getaffinity(0))
+    share = min(quota or allowed, allowed)
+    return share if share < (os.cpu_count() or 1) else None
+
+
+def configure_threads(cpus: Optional[float], source: str) -> dict:
+    """Size TensorFlow's op pools and tf.data's pool to `cpus` (None: TF's defaults, one thread per
+    core). Must run before TensorFlow's runtime starts. Returns what is in effect."""
+    from job import data as data_lib
+
+    if cpus:
+        threads = max(1, int(cpus))
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            # At least 2: independent ops (a collective waiting on a peer, the input pipeline's
+            # GetNext) must not wait for one another.
+            tf.config.threading.set_inter_op_parallelism_threads(max(2, threads))
+        except RuntimeError:  # TF already started (a second Run in one process): keep its pools
+            pass
+        data_lib.set_pipeline_threads(threads)
+    cores = os.cpu_count() or 1
+    return {"intra_op": tf.config.threading.get_intra_op_parallelism_threads() or cores,
+            "inter_op": tf.config.threading.get_inter_op_parallelism_threads() or cores,
+            "tf_data": data_lib._PIPELINE_THREADS or cores, "cpu_share": cpus, "from": source if cpus else "host cores"}
+
+
+def devices_in_use(strategy: tf.distribute.Strategy) -> list[str]:
+    """The devices this process's replicas run on (a multi-worker strategy: this worker's)."""
+    try:
+        return list(strategy.extended.worker_devices)
+    except RuntimeError:  # the default strategy: TensorFlow places ops on the first GPU, else the CPU
+        return [(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU"))[0].name]

@@ -23,6 +23,10 @@ class DataError(JobError):
     """The dataset cannot be read."""
 
 
+class DeviceError(JobError):
+    """The devices the run needs (GPUs) are not there."""
+
+
 class WeightsError(JobError):
     """Backbone weights cannot be found or loaded."""
 

@@ -61,7 +61,7 @@ def train_dataset(features, labels, batch_size: int, shuffle_buffer: int, seed: 
     ds = ds.batch(batch_size, drop_remainder=True).skip(skip_batches)
     ds = ds.map(lambda index: (tf.gather(features, index), tf.gather(labels, index)),
                 num_parallel_calls=data_lib.AUTOTUNE)
-    return data_lib.without_autotune_model(ds.prefetch(data_lib.AUTOTUNE))
+    return data_lib.pipeline_options(ds.prefetch(data_lib.AUTOTUNE))
 
 
 def eval_dataset(features, labels):

@@ -38,8 +38,9 @@ from job import COMMAND_START
 from job import storage
 from job.checkpoints import INDEX, adopt_checkpoint, checkpoint_step, copy_latest_checkpoint
 from job.config import Config, RayConfig
-from job.errors import ConfigError, JobError, Preempted, WorkdirError
+from job.errors import ConfigError, DeviceError, JobError, Preempted, WorkdirError
 from job.preflight import workdir_problem
+from job.ray_control import ConsolePrinter, ConsoleRelay, DriverStopPoll, FailFast, RunControl
 from job.storage import Workdir
 
 log = logging.getLogger(__name__)
@@ -54,47 +55,6 @@ _ATTEMPT: dict = {}
 
 class ReplicasDiverged(RuntimeError):
     """A worker's weights differ from rank 0's after the same step: the all-reduce is broken."""
-
-
-@ray.remote(num_cpus=0)
-class StopFlag:
-    """Set by the driver when it is asked to stop (SIGTERM); polled by rank 0."""
-
-    def __init__(self):
-        self.reason: Optional[str] = None
-
-    def request(self, reason: str) -> None:
-        self.reason = reason
-
-    def get(self) -> Optional[str]:
-        return self.reason
-
-
-class DriverStopPoll:
-    """A stop source (job.preemption) for rank 0: the driver's StopFlag, asked at most every
-    POLL_SECONDS so that short chunks do not each wait for a round trip."""
-
-    POLL_SECONDS = 2.0
-
-    def __init__(self, flag):
-        self.flag, self.reason, self._next = flag, None, 0.0
-
-    def __call__(self) -> Optional[str]:
-        if self.reason is None and time.monotonic() >= self._next:
-            self._next = time.monotonic() + self.POLL_SECONDS
-            self.reason = ray.get(self.flag.get.remote())
-        return self.reason
-
-
-class FailFast(ray.train.UserCallback):
-    """Ends the run at the first JobError a worker raises (bad input or data found only on the
-    workers, a non-finite loss): retrying cannot fix those. Ray Train 2.60 retries every worker
-    error otherwise; killed workers and lost nodes still are."""
-
-    def after_exception(self, run_context, worker_exceptions: dict) -> None:
-        for error in worker_exceptions.values():
-            if isinstance(error, JobError):
-                raise error
 
 
 # --- inside each Ray worker ------------------------------------------------------
@@ -145,15 +105,17 @@ def _worker_loop(payload: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    import tensorflow as tf
 
     from job.train import train_and_evaluate
 
     config = Config.model_validate(payload["config"])
-    if not config.ray.use_gpu:
-        # Size TF's op pool to the CPUs Ray gave this worker, not to the whole machine.
-        tf.config.threading.set_intra_op_parallelism_threads(max(1, round(config.ray.cpus_per_worker)))
     rank = ray.train.get_context().get_world_rank()
+    relay = None
+    if not config.telemetry.verbose:
+        # The driver's console: rank 0's lines, and only what goes wrong on the others.
+        relay = ConsoleRelay(payload["control"], "" if rank == 0 else f"rank {rank}: ",
+                             logging.INFO if rank == 0 else logging.WARNING)
+        logging.getLogger("job").addHandler(relay)
     # The driver holds the workdir (lease or lock) for the whole run; workers only write into
     # it (the chief) or into scratch, node-local and this worker's own.
     workdir = Workdir.open(config.workdir)
@@ -171,15 +133,18 @@ def _worker_loop(payload: dict) -> None:
                               "another; on a multi-node cluster the workdir must be a URI or a path every node "
                               "mounts (docs/ray.md)")
         # Rank 0 asks the driver; its vote reaches every rank in the step's all-reduce.
-        sources = (DriverStopPoll(payload["stop_flag"]),) if rank == 0 else ()
+        sources = (DriverStopPoll(payload["control"]),) if rank == 0 else ()
         try:
             summary = train_and_evaluate(config, workdir, _report, restore_from=source, stop_sources=sources)
         except Preempted as stopped:
             # The checkpoint is saved and reported (with "stopped" in its metrics): the driver decides what next.
-            log.warning("rank %d: %s", rank, stopped)
+            log.info("rank %d: %s", rank, stopped)
             return
         finally:
             workdir.close()
+            if relay:
+                logging.getLogger("job").removeHandler(relay)
+                relay.close()
     log.info("rank %d done: step %d, %s over %d replicas", rank, summary["step"], summary["strategy"], summary["replicas"])
 
 
@@ -215,30 +180,40 @@ def resolve_location(setting: str, location: str, nodes: int) -> str:
 
 
 def worker_runtime_env() -> dict:
-    return {"env_vars": {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}}
+    """The driver's data and weights locations, log level and NCCL settings (NCCL_SOCKET_IFNAME,
+    NCCL_DEBUG, ...: docs/ray.md), for the workers wherever Ray starts them."""
+    return {"env_vars": {name: value for name, value in os.environ.items()
+                         if name in FORWARDED_ENV or name.startswith("NCCL_")}}
 
 
-def run_config(config: Config) -> RunConfig:
+def run_config(config: Config, control=None) -> RunConfig:
     return RunConfig(
         name=config.ray.name,
         storage_path=storage_path(config),
         failure_config=FailureConfig(max_failures=config.ray.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=config.ray.keep_checkpoints),
         worker_runtime_env=worker_runtime_env(),
-        callbacks=[FailFast()],
+        callbacks=[FailFast(control)],
     )
 
 
-def _connect(ray_config: RayConfig) -> bool:
-    """Connect to ray.address / RAY_ADDRESS, else start Ray in this process; True if we started it."""
+def _connect(config: Config) -> bool:
+    """Connect to ray.address / RAY_ADDRESS, else start Ray in this process; True if we started it.
+
+    Workers' own output stays in Ray's log files (the console gets the job's lines through
+    job.ray_control) unless telemetry.verbose. An embedded Ray runs its dashboard on
+    127.0.0.1: Ray Train's placement-group cleaner asks its state API whether the run's
+    controller is alive, and without it fails (and says so) every second.
+    """
     if ray.is_initialized():
         return False
-    address = ray_config.address or os.environ.get("RAY_ADDRESS")
+    verbose = config.telemetry.verbose
+    quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
-        return True
-    # An embedded single-node Ray ("local": never one found some other way): no dashboard.
-    ray.init(address="local", include_dashboard=False)
+        ray.init(address=address, **quiet)
+    else:  # "local": a new single-node Ray, never one found some other way
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
     return True
 
 
@@ -275,6 +250,34 @@ def _user_error(err: Exception) -> Exception:
         if isinstance(cause, JobError):
             return cause
     return err
+
+
+def wait_for_gpus(config: Config, embedded: bool) -> None:
+    """With ray.use_gpu: DeviceError unless the cluster has the GPUs the smallest worker group
+    needs. An embedded Ray has what this machine has; a running cluster's autoscaler is asked
+    for them and given ray.gpu_wait_s (Ray itself would wait for ever)."""
+    if not config.ray.use_gpu:
+        return
+    workers, per_worker = min(config.ray.worker_counts()), config.ray.gpus_per_worker
+    needed = workers * per_worker
+    have = lambda: ray.cluster_resources().get("GPU", 0)  # noqa: E731
+    what = f"ray.use_gpu=true: the run needs {needed} GPUs (ray.num_workers={config.ray.num_workers} x " \
+           f"ray.gpus_per_worker={per_worker})"
+    if have() >= needed:
+        return
+    if embedded or not config.ray.gpu_wait_s:
+        raise DeviceError(f"{what} and the Ray this job started on this machine has {have():g}")
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{"GPU": per_worker, "CPU": config.ray.cpus_per_worker}] * workers)
+    log.info("%s; the cluster has %g: waiting up to %gs (ray.gpu_wait_s) for the autoscaler", what, have(),
+             config.ray.gpu_wait_s)
+    deadline = time.monotonic() + config.ray.gpu_wait_s
+    while have() < needed:
+        if time.monotonic() > deadline:
+            raise DeviceError(f"{what} and the cluster has {have():g} after {config.ray.gpu_wait_s:g}s "
+                              "(ray.gpu_wait_s): its autoscaler could not add them")
+        time.sleep(5)  # the autoscaler adds nodes in minutes: polling is enough
 
 
 def check_global_batch(config: Config) -> int:
@@ -315,12 +318,13 @@ def train_on_ray(config: Config) -> dict:
     from job.resume import check_resume
 
     config = config.model_copy(deep=True)
-    started_ray = _connect(config.ray)
+    started_ray = _connect(config)
     try:
         nodes = sum(node["Alive"] for node in ray.nodes())
         config.workdir = resolve_location("workdir", config.workdir, nodes)
         config.ray.storage_path = resolve_location("ray.storage_path", storage_path(config), nodes)
         global_batch = check_global_batch(config)
+        wait_for_gpus(config, embedded=started_ray and not (config.ray.address or os.environ.get("RAY_ADDRESS")))
         preflight(config)
         if problem := workdir_problem(config.workdir):
             raise WorkdirError(problem)
@@ -357,7 +361,8 @@ def _fit_until_done(config: Config):
     # by Ray to its controller and workers; TF's collectives get the same in job.distribute).
     for variable in ("RAY_TRAIN_COLLECTIVE_TIMEOUT_S", "RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S"):
         os.environ[variable] = str(config.ray.hang_timeout_s)
-    flag, asked = StopFlag.remote(), {}
+    control, asked = RunControl.remote(), {}
+    printer = None if config.telemetry.verbose else ConsolePrinter(control)
 
     def on_sigterm(signum, frame):
         if asked:
@@ -365,13 +370,13 @@ def _fit_until_done(config: Config):
         asked["reason"] = f"signal {signum} to the driver"
         log.warning("%s: the workers stop at the next step boundary and save a checkpoint (again to abort)",
                     asked["reason"])
-        flag.request.remote(asked["reason"])
+        control.request_stop.remote(asked["reason"])
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         restarts = 0
         while True:
-            result = _fit(config, flag)
+            result = _fit(config, control)
             stopped = (result.metrics or {}).get("stopped")
             if not stopped or asked:
                 return result, asked.get("reason")
@@ -382,14 +387,16 @@ def _fit_until_done(config: Config):
                         result.metrics.get("step"), stopped, restarts, config.ray.max_failures)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if printer:
+            printer.close()
 
 
-def _fit(config: Config, stop_flag):
+def _fit(config: Config, control):
     trainer = TensorflowTrainer(
         _worker_loop,
-        train_loop_config={"config": config.model_dump(mode="json"), "stop_flag": stop_flag},
+        train_loop_config={"config": config.model_dump(mode="json"), "control": control},
         scaling_config=scaling_config(config.ray),
-        run_config=run_config(config),
+        run_config=run_config(config, control),
     )
     log.info("Ray Train: %s workers x (%s CPU, %s GPU), workdir %s, storage %s", config.ray.num_workers,
              config.ray.cpus_per_worker, config.ray.gpus_per_worker if config.ray.use_gpu else 0, config.workdir,

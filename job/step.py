@@ -12,6 +12,7 @@ worker learns the metrics and whether anyone asked to stop, and no other collect
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import keras
 import numpy as np
@@ -36,7 +37,9 @@ def global_batch_size(train: TrainConfig, replicas: int) -> int:
 
 
 def learning_rate_scale(train: TrainConfig, global_batch: int) -> float:
-    return global_batch / train.base_batch_size if train.lr_scaling == "linear" else 1.0
+    """What the configured learning rates are multiplied by at this global batch (train.lr_scaling)."""
+    ratio = global_batch / train.base_batch_size
+    return {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[train.lr_scaling]
 
 
 @dataclasses.dataclass(frozen=True)

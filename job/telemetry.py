@@ -6,6 +6,7 @@ profiler, which every worker may run into its own subdirectory when asked.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -13,6 +14,8 @@ from typing import Optional
 
 import tensorflow as tf
 from tqdm import tqdm
+
+log = logging.getLogger(__name__)
 
 
 class Scalars:
@@ -61,16 +64,19 @@ class ProfilerWindow:
     before the window also runs alone, untraced, so that the single-step function's tracing
     and first run stay out of the trace. The train loop ends its chunks there, so the window
     is reached whatever train.steps_per_call is.
+
+    Every worker runs the window's steps alone, also those that do not trace (`logdir` None):
+    all workers must run the same calls, or their collectives would not match.
     """
 
     def __init__(self, logdir: Optional[str], steps: Optional[tuple[int, int]]):
         self._logdir, self._steps = logdir, steps
         self.active = False
-        self.traced = False
+        self.done = False
 
     def _first(self) -> Optional[int]:
         """The first step run alone (the warm-up step, or the window's start at step 0)."""
-        if not self._logdir or not self._steps or self.traced:
+        if not self._steps or self.done:
             return None
         return max(self._steps[0] - 1, 0)
 
@@ -85,10 +91,11 @@ class ProfilerWindow:
         return first if first is not None and step < first else None
 
     def run_step(self, step: int, step_number: int, run_step):
-        """run_step() for phase step `step`; inside the window under the profiler, marked as
-        step `step_number` (the markers the overview page and the input-pipeline analyzer key on)."""
-        if step < self._steps[0]:
-            return run_step()  # warm-up: traced by tf.function and run once, outside the trace
+        """run_step() for phase step `step`; inside the window and with a logdir, under the
+        profiler, marked as step `step_number` (the markers the overview page and the
+        input-pipeline analyzer key on)."""
+        if step < self._steps[0] or not self._logdir:
+            return run_step()  # the warm-up (traced by tf.function and run once, outside the trace), or no trace here
         if not self.active:
             tf.profiler.experimental.start(self._logdir)
             self.active = True
@@ -96,13 +103,14 @@ class ProfilerWindow:
             return run_step()
 
     def after(self, step: int) -> None:
-        if self.active and step >= self._steps[1]:
+        if self._steps and step >= self._steps[1]:
             self.stop()
 
     def stop(self) -> None:
         if self.active:
             tf.profiler.experimental.stop()
-            self.active, self.traced = False, True
+            self.active = False
+        self.done = True
 
 
 def unreachable_window(steps: Optional[tuple[int, int]], phase: str, phase_steps: int) -> Optional[str]:
@@ -133,16 +141,45 @@ class History:
         return new
 
 
-def progress(phase: str, total: int, initial: int, enabled: bool) -> tqdm:
-    # On a terminal a live bar; in logs (no tty) a line every 30 s rather than a flood.
-    tty = sys.stderr.isatty()
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=phase,
-        unit="step",
-        disable=not enabled,
-        mininterval=0.5 if tty else 30.0,
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )
+class Progress:
+    """Where a phase stands: on a terminal a live tqdm bar; elsewhere (a log file, Ray's job
+    logs, the driver of a Ray run) a line from the `job` logger at a log point, at most every
+    `every_s` seconds, and at the end: step, images/sec, loss and time left."""
+
+    def __init__(self, phase: str, total: int, initial: int, enabled: bool, every_s: float,
+                 tty: Optional[bool] = None):
+        self.phase, self.total, self.step, self.enabled, self.every_s = phase, total, initial, enabled, every_s
+        self.tty = sys.stderr.isatty() if tty is None else tty
+        self._last_line = time.monotonic()
+        self._bar = tqdm(total=total, initial=initial, desc=phase, unit="step", dynamic_ncols=True, file=sys.stderr,
+                         mininterval=0.5) if enabled and self.tty else None
+
+    def advance(self, steps: int) -> None:
+        self.step += steps
+        if self._bar:
+            self._bar.update(steps)
+
+    def report(self, loss: float, images_per_sec: float, steps_per_sec: float) -> None:
+        """At a log point: the bar's postfix, or a line if it is time for one."""
+        if self._bar:
+            self._bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{images_per_sec:.0f}", refresh=False)
+            return
+        now = time.monotonic()
+        if not self.enabled or (now - self._last_line < self.every_s and self.step < self.total):
+            return
+        self._last_line = now
+        left = (self.total - self.step) / steps_per_sec if steps_per_sec > 0 else float("nan")
+        log.info("%s step %d/%d (%d%%), %.0f img/s, loss %.4f, %s left", self.phase, self.step, self.total,
+                 100 * self.step // max(self.total, 1), images_per_sec, loss, _duration(left))
+
+    def close(self) -> None:
+        if self._bar:
+            self._bar.close()
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:  # NaN: no rate yet
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

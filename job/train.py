@@ -31,7 +31,8 @@ from job import data as data_lib
 from job import features as features_lib
 from job.checkpoints import INDEX, Checkpoints
 from job.config import Config, ConfigError
-from job.distribute import is_chief, make_strategy, worker_index
+from job.distribute import (check_gpus, configure_threads, container_cpus, devices_in_use, is_chief, make_strategy,
+                            worker_index)
 from job.errors import NonFiniteLoss, Preempted
 from job.model import TransferModel, build_model, set_backbone_trainable
 from job.periodic import Every, chunk_length
@@ -41,7 +42,7 @@ from job.resume import check_resume, write_run_files
 from job.storage import Workdir
 from job.step import (CORRECT, LOSS, SKIPPED, STOP, Phase, StepFunctions, global_batch_size, learning_rate_scale,
                       make_optimizer)
-from job.telemetry import History, ProfilerWindow, Scalars, Throughput, progress, unreachable_window
+from job.telemetry import History, ProfilerWindow, Progress, Scalars, Throughput, unreachable_window
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,12 @@ class Run:
 
     def __init__(self, config: Config):
         self.config = config
+        # A Ray worker gets ray.cpus_per_worker; elsewhere the container's quota, if any.
+        share = (config.ray.cpus_per_worker, "ray.cpus_per_worker") if config.ray.enabled else (container_cpus(), "container quota")
+        self.threads = configure_threads(*share)
         self.strategy = make_strategy(config.train, config.ray.hang_timeout_s if config.ray.enabled else None)
+        check_gpus(config)
+        self.devices = devices_in_use(self.strategy)
         self.chief = is_chief(self.strategy)
         self.replicas = self.strategy.num_replicas_in_sync
         self.global_batch = global_batch_size(config.train, self.replicas)
@@ -237,11 +243,12 @@ class Trainer:
         train_data, val_data = run.datasets(phase, position)
         iterator = iter(train_data)
         profiled = self.profile_run if tel.profile_phase == phase.name else None
-        profiler = ProfilerWindow(profiled and self.workdir.path(profiled), tel.profile_steps)
+        window = tel.profile_steps if tel.profile_phase == phase.name else None
+        profiler = ProfilerWindow(profiled and self.workdir.path(profiled), window)
         log_every, eval_every = Every(tel.log_every_steps), Every(max(1, round(tel.eval_every_epochs * run.steps_per_epoch)))
         save_every = Every(run.config.checkpoint.every_steps, origin=-phase.first_step)  # global steps
         per_call, window = run.steps_per_call(phase), TrainWindow()
-        bar = progress(phase.name, phase.steps, position, run.chief and tel.progress_bar)
+        bar = Progress(phase.name, phase.steps, position, run.chief and tel.progress_bar, tel.progress_every_s)
         log.info("phase %s: steps %d..%d (%d per epoch), global batch %d, %d replicas, %s%s", phase.name, position,
                  phase.steps, run.steps_per_epoch, run.global_batch, run.replicas,
                  "cached features" if cached else f"images at {run.config.model.image_size}px",
@@ -259,7 +266,7 @@ class Trainer:
                     totals = steps.train_chunk(iterator, tf.constant(n), stop_vote).numpy()
                 before, position = position, position + n
                 profiler.after(position)
-                bar.update(n)
+                bar.advance(n)
                 window.add(totals, n)
                 end = position == phase.steps
                 # Steps the loss scaler skipped count their loss as 0: a non-finite sum means a
@@ -303,8 +310,8 @@ class Trainer:
                             "loss scale now %g", phase.name, skipped, self.run.global_step,
                             values[f"{phase.name}/loss_scale"])
         self.scalars.write("train", self.run.global_step, values)
-        bar.set_postfix(loss=f"{values[f'{phase.name}/loss']:.3f}", img_s=f"{values[f'{phase.name}/images_per_sec']:.0f}",
-                        refresh=False)
+        step_ms = values[f"{phase.name}/step_time_ms"]
+        bar.report(values[f"{phase.name}/loss"], values[f"{phase.name}/images_per_sec"], 1000 / step_ms if step_ms else 0.0)
 
     def _save(self, phase: Phase) -> str:
         """Save a checkpoint (every worker takes part); the chief's path, or the worker's scratch one."""
@@ -325,6 +332,9 @@ class Trainer:
         """After a validation point or a checkpoint: persist the checkpoint (Ray's reporter on
         Ray, else the workdir) and, after a validation, the TensorBoard files, so that a remote
         workdir can be followed while the run goes on."""
+        if saved and self.run.chief:
+            where = "reported to Ray" if self.reporter else f"in {self.workdir.uri('checkpoints')}"
+            log.info("checkpoint of step %d saved, %s", self.run.global_step, where)
         if self.reporter:
             # Every worker: Ray's report is a barrier. Every validation point reports, validated
             # or not, so a Ray run has checkpoints even without a val split.
@@ -375,6 +385,8 @@ class Trainer:
             "replicas": run.replicas,
             "strategy": type(run.strategy).__name__,
             "chief": run.chief,
+            "devices": run.devices,
+            "threads": run.threads,
             "images_seen": run.global_step * run.global_batch,
             "wall_seconds": round(time.time() - COMMAND_START, 1),
             "final_val_accuracy": rows[-1]["val_accuracy"] if rows else None,
@@ -418,6 +430,10 @@ def train_and_evaluate(config: Config, workdir: Optional[Workdir] = None, report
         trainer = Trainer(run, workdir, checkpoints, stop, reporter)
         if run.chief:
             _write_config(config, run, workdir)
+            t = run.threads
+            log.info("devices: %s (%s, %d replicas); threads: %d intra-op, %d inter-op, %d tf.data (%s)",
+                     ", ".join(run.devices), type(run.strategy).__name__, run.replicas, t["intra_op"], t["inter_op"],
+                     t["tf_data"], t["from"])
         restored = checkpoints.restore_latest(restore_from or workdir.path("checkpoints"))
         if restored:
             log.info("resumed from %s at step %d", restored, run.global_step)

@@ -21,6 +21,7 @@ import yaml
 
 from tests.conftest import REPO, run_job
 
+from job.profile import step_summary
 from tests.ray_helpers import (TINY_RAY, digests, replica_records, s3_snapshot_has_checkpoint, snapshot_has_checkpoint,
                                wait_for)
 
@@ -42,17 +43,42 @@ def test_bad_input_on_ray_fails_once_before_any_worker_starts(tmp_path):
 
 
 @pytest.mark.ray
+def test_verbose_brings_back_what_tensorflow_and_ray_print(tmp_path):
+    """telemetry.verbose=true: TensorFlow's native start-up lines, which the console leaves out
+    by default (the bad-input test above sees one line), are back."""
+    result = run_job("train", "configs/tiny.yaml", *TINY_RAY, "ray.enabled=true", "telemetry.verbose=true",
+                     "data.name=no_such_dataset", f"workdir={tmp_path / 'run'}", env={"RAY_ADDRESS": ""}, timeout=300)
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert "oneDNN custom operations are on" in result.stderr, result.stderr[-4000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: data.name='no_such_dataset'")
+
+
+@pytest.mark.ray
 @pytest.mark.real_data
 def test_two_local_workers_agree_and_report(tmp_path, real_env):
     """Embedded local Ray, 2 workers: same weights on both after every epoch, metrics and a
-    checkpoint reported each epoch, only the chief writes the workdir, every worker profiled."""
+    checkpoint reported each epoch, only the chief writes the workdir, every worker profiled,
+    and a console a person can read."""
     workdir = tmp_path / "run"
     result = run_job("train", "configs/tiny.yaml", *TINY_RAY, "ray.enabled=true", f"workdir={workdir}",
-                     "telemetry.profile_steps=[1,3]", "telemetry.profile_phase=head",
-                     "telemetry.profile_all_workers=true", env={"RAY_ADDRESS": ""}, timeout=600)
+                     "telemetry.profile_steps=[1,3]", "telemetry.profile_phase=finetune",
+                     "telemetry.profile_all_workers=true", "telemetry.progress_bar=true", "telemetry.progress_every_s=0",
+                     env={"RAY_ADDRESS": ""},
+                     timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     assert json.loads(result.stdout.strip().splitlines()[-1])["step"] == 8
+
+    # The console: the chief's lines once each, through the driver (job.ray_control), and none
+    # of the workers' own output (TensorFlow's native start-up lines, Ray Train's report dumps).
+    for noise in ("oneDNN", "cuda", "absl::InitializeLog", "TrainingReport(", "PlacementGroupCleaner",
+                  "(RayTrainWorker", "Traceback"):
+        assert noise not in output, (noise, output[-6000:])
+    for line in ("phase head: steps 0..4", "phase finetune: steps 0..4", "validation head step 4: accuracy",
+                 "validation finetune step 8: accuracy", "checkpoint of step 8 saved, reported to Ray"):
+        assert output.count(line) == 1, (line, output[-6000:])
+    assert re.search(r"finetune step 4/4 \(100%\), \d+ img/s, loss \d\.\d+, \d+s left", output), output[-6000:]
+    print(result.stderr)  # shown with -s: the console
 
     run_dir = workdir / "ray" / "mobilenet-transfer"
     by_step = digests(run_dir)
@@ -62,6 +88,10 @@ def test_two_local_workers_agree_and_report(tmp_path, real_env):
     assert by_step[4][0] != by_step[8][0]  # and they did train
 
     summary = json.loads((workdir / "summary.json").read_text())
+    # Each worker's thread pools follow its CPU share (ray.cpus_per_worker=1), not the host's cores.
+    threads = summary["threads"]
+    assert (threads["intra_op"], threads["inter_op"], threads["tf_data"], threads["from"]) == (1, 2, 1, "ray.cpus_per_worker")
+    assert "threads: 1 intra-op, 2 inter-op, 1 tf.data (ray.cpus_per_worker)" in output
     report = summary["ray"]["last_report"]
     assert report["step"] == 8 and report["phase"] == "finetune" and 0 <= report["val_accuracy"] <= 1
     assert report["weights_sha256"] == by_step[8][0]
@@ -74,8 +104,11 @@ def test_two_local_workers_agree_and_report(tmp_path, real_env):
     assert (workdir / "export" / "model.keras").is_file()
     tensorboard = workdir / "tensorboard"
     assert sorted(p.name for p in tensorboard.iterdir()) == ["train", "validation", "worker_1"]
-    assert list((tensorboard / "train" / "plugins" / "profile").glob("*/*.xplane.pb"))
-    assert list((tensorboard / "worker_1" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    for run in ("train", "worker_1"):  # each worker's trace shows its own steps
+        traces = list((tensorboard / run / "plugins" / "profile").glob("*/*.xplane.pb"))
+        assert len(traces) == 1
+        summary = step_summary(traces[0])
+        assert summary["steps"] >= 1 and summary["average_step_ms"] > 0 and not summary["no_step_marker"], summary
 
 
 @pytest.mark.ray

@@ -131,3 +131,25 @@ def test_a_profile_window_that_cannot_be_reached_is_a_warning(tmp_path, caplog):
         train_and_evaluate(config)
     assert "telemetry.profile_steps=[20, 25] starts after the last step of phase finetune (4 steps)" in caplog.text
     assert not (tmp_path / "tensorboard" / "train" / "plugins").exists()
+
+
+def test_every_worker_runs_the_profile_window_alone_even_without_tracing():
+    """Multi-worker runs trace on the chief only: the others must still run the window's steps
+    one call each, or their collectives would not match the chief's (a hang)."""
+    from job.periodic import chunk_length
+    from job.telemetry import ProfilerWindow
+
+    def calls(window):
+        position, sizes = 0, []
+        while position < 12:
+            if window.covers(position):
+                n = 1
+                window.run_step(position, position, lambda: None)
+            else:
+                n = chunk_length(position, 12, 8, [window.next_start(position)])
+            position += n
+            window.after(position)
+            sizes.append(n)
+        return sizes
+
+    assert calls(ProfilerWindow(None, (5, 7))) == [4, 1, 1, 1, 5]  # 4 steps, warm-up step 4, steps 5 and 6 alone
