@@ -1,4 +1,4 @@
-"""Command line: python -m job {train,evaluate,export,benchmark} CONFIG [key=value ...] | tensorboard WORKDIR
+"""Command line: python -m job {train,evaluate,export,benchmark} CONFIG [key=value ...] | predict | tensorboard
 
 Exit status 0 on success (also after a clean stop on SIGTERM/SIGINT, ready to resume),
 2 on bad input or environment (config, data, weights, busy or unwritable workdir, disk
@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported (default 3)")
             p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
             p.add_argument("--profile", action="store_true", help="also trace end-to-end steps with the TF profiler")
+    guess = sub.add_parser("predict", help="the top classes, by name, of image files, from a trained workdir or export",
+                           description="the top classes, by name, of image files, from a trained workdir or export")
+    guess.add_argument("model", help="a workdir (path or s3://, gs://), an export folder, or a model.keras file")
+    guess.add_argument("images", nargs="+", help="image files or folders of them (JPEG, PNG, GIF, BMP)")
+    guess.add_argument("--top-k", type=int, default=3, help="classes per image (default 3)")
+    guess.add_argument("--json", action="store_true", help="one JSON object per image and line")
     board = sub.add_parser("tensorboard", help="TensorBoard on a workdir (a path, gs:// or s3://), following it while it runs",
                            description="TensorBoard on a workdir (a path, gs:// or s3://), following it while it runs")
     board.add_argument("workdir", help="the run's workdir, e.g. runs/cifar10_quick or s3://bucket/runs/x")
@@ -117,9 +123,27 @@ def main(argv=None) -> int:
         return _fail(f"cannot write {err.filename}: {err.strerror}", 2)
 
 
+def _predict(args: argparse.Namespace) -> int:
+    """Prints a line (or a JSON object) per image; exit 2 if not one of them could be read."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with _native_stderr_to_debug_log():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    from job.predict import format_line, predict
+
+    answered = 0
+    for result in predict(args.model, args.images, args.top_k):
+        print(json.dumps(result) if args.json else format_line(result), flush=True)
+        answered += "top" in result
+    return 0 if answered else 2
+
+
 def _run(args: argparse.Namespace) -> int:
     from job.config import load_config
 
+    if args.command == "predict":
+        return _predict(args)
     if args.command == "tensorboard":
         from job.follow import follow
 

@@ -32,7 +32,17 @@ class DataConfig(_Section):
     # dataset, split, shard and preprocessing: job.data.cache_file).
     cache: str = "memory"
     shuffle_buffer: int = Field(50_000, ge=1)
-    augment: Literal["none", "flip", "flip_crop"] = "flip"
+    # A folder of your own images, PATH/<split>/<class>/<image>, instead of a TFDS dataset
+    # (data.name is then only a label); splits are sliced as TFDS slices them (train[:90%]).
+    image_dir: Optional[str] = None
+    # Images are cached as uint8 at their own size when they all have one that fits the model
+    # input; otherwise (larger, or of varying size) resized once, shorter side to this and
+    # centre-cropped square, before caching. null: model.image_size x 8/7 (room to crop).
+    cache_image_size: Optional[int] = Field(None, ge=8, le=1024)
+    # "auto": flip for images no larger than the model input (CIFAR-10), resized_crop (a random
+    # crop of 35-100% of the area and 3:4 to 4:3, then a flip) for larger ones; "flip_crop":
+    # flip and a 4-pixel pad-and-crop at the native size.
+    augment: Literal["auto", "none", "flip", "flip_crop", "resized_crop"] = "auto"
     # Where the 32x32 -> image_size resize and input scaling run: in tf.data on the host,
     # or inside the train step on the accelerator (the host then ships uint8 32x32 batches).
     resize_on: Literal["host", "device"] = "device"
@@ -65,7 +75,7 @@ class PhaseConfig(_Section):
     warmup_epochs: float = Field(0.0, ge=0)
     # This phase's augmentation; null: data.augment. A head phase without augmentation can
     # train on cached backbone features (train.cache_features).
-    augment: Optional[Literal["none", "flip", "flip_crop"]] = None
+    augment: Optional[Literal["auto", "none", "flip", "flip_crop", "resized_crop"]] = None
 
 
 class FinetuneConfig(PhaseConfig):

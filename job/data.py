@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import re
 from typing import Optional
@@ -20,7 +21,7 @@ from typing import Optional
 import tensorflow_datasets as tfds
 from etils import epy
 
-from job import storage
+from job import image_folder, storage
 from job.config import DataConfig
 from job.errors import DataError, JobError
 from job.preprocess import to_model_input
@@ -135,11 +136,15 @@ def _keys(builder) -> tuple[str, str]:
 
 
 def dataset_info(data: DataConfig, splits: list[str], prepare: bool = True) -> Optional[DatasetInfo]:
-    """Number of classes, image shape and the size of each requested split.
+    """Number of classes (and their names), image shape and the size of each requested split.
 
-    prepare=False never downloads (nor loads TensorFlow for a prepared dataset): it returns
-    None when the dataset still has to be downloaded, so the check is left to the real run.
+    prepare=False never downloads (nor loads TensorFlow for a prepared dataset) nor decodes an
+    image folder's files: it returns None when the dataset still has to be downloaded, so the
+    check is left to the real run.
     """
+    if data.image_dir:
+        names, sizes = image_folder.info(data.image_dir, splits, validate=prepare)
+        return DatasetInfo(len(names), (None, None, 3), sizes, names)
     builder = _builder(data, prepare)
     if builder is None:
         return None
@@ -162,11 +167,46 @@ def dataset_info(data: DataConfig, splits: list[str], prepare: bool = True) -> O
     return DatasetInfo(label.num_classes, tuple(features[image_key].shape), sizes, tuple(label.names))
 
 
-# What load_images caches: decoded uint8 images at the dataset's own size (part of the cache file's name).
-CACHED_FORM = "uint8-native"
+def cache_size(data: DataConfig, image_shape: tuple, image_size: int) -> Optional[int]:
+    """The square size images are resized to before caching, or None: cached at their own size
+    (all of one size, no larger than the model input, like CIFAR-10's 32x32)."""
+    if data.cache_image_size:
+        return data.cache_image_size
+    height, width = image_shape[:2]
+    if height and width and max(height, width) <= image_size:
+        return None
+    return math.ceil(image_size * 8 / 7)
 
 
-def cache_file(data: DataConfig, builder, split: str, input_context=None) -> str:
+def cache_bytes(count: int, image_shape: tuple, size: Optional[int]) -> int:
+    """Memory of `count` cached images: uint8, at `size` (or their own size) and their own channels."""
+    height, width = (size, size) if size else image_shape[:2]
+    return count * height * width * (image_shape[2] or 3)
+
+
+def source_images_are_small(image_shape: tuple, image_size: int) -> bool:
+    height, width = image_shape[:2]
+    return bool(height and width and max(height, width) <= image_size)
+
+
+def resolve_augment(mode: str, image_shape: tuple, image_size: int) -> str:
+    """"auto": flips for images no larger than the model input (CIFAR-10), random resized crops
+    and flips for larger ones; any other mode as it is."""
+    if mode != "auto":
+        return mode
+    return "flip" if source_images_are_small(image_shape, image_size) else "resized_crop"
+
+
+def _resize_for_cache(image, size: int):
+    """Shorter side to `size`, then the centre `size` x `size` square, uint8."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = size / tf.reduce_min(shape)
+    resized = tf.image.resize(image, tf.cast(tf.math.ceil(shape * scale), tf.int32), antialias=True)
+    square = tf.image.resize_with_crop_or_pad(resized, size, size)
+    return tf.cast(tf.clip_by_value(tf.round(square), 0, 255), tf.uint8)
+
+
+def cache_file(data: DataConfig, source: str, version: str, split: str, size: Optional[int], input_context=None) -> str:
     """The on-disk cache of one dataset, split, shard and preprocessing under data.cache.
 
     tf.data reads an existing cache file whatever pipeline it now sits in, so the name must
@@ -174,29 +214,40 @@ def cache_file(data: DataConfig, builder, split: str, input_context=None) -> str
     """
     pipelines = input_context.num_input_pipelines if input_context else 1
     shard = f"shard{input_context.input_pipeline_id}of{pipelines}" if pipelines > 1 else "all"
-    what = f"{builder.name}-{builder.version}-{split}-{shard}-{CACHED_FORM}"
-    digest = hashlib.sha256(f"{builder.data_dir}|{what}".encode()).hexdigest()[:10]
+    form = f"uint8-{size}px" if size else "uint8-native"
+    what = f"{data.name}-{version}-{split}-{shard}-{form}"
+    digest = hashlib.sha256(f"{source}|{what}".encode()).hexdigest()[:10]
     return os.path.join(data.cache, f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', what)}-{digest}")
 
 
-def load_images(data: DataConfig, split: str, input_context: Optional[tf.distribute.InputContext] = None):
-    """(uint8 image, int32 label) pairs of this worker's shard of `split`, cached."""
-    builder = _builder(data)
-    image_key, label_key = _keys(builder)
-    ds = builder.as_dataset(split=split, shuffle_files=False)
-    if input_context is not None and input_context.num_input_pipelines > 1:
-        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-    ds = ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32)), num_parallel_calls=AUTOTUNE)
+def load_images(data: DataConfig, split: str, input_context: Optional[tf.distribute.InputContext] = None,
+                image_size: Optional[int] = None):
+    """(uint8 image, int32 label) pairs of this worker's shard of `split`, cached: at their own
+    size, or resized once to `cache_size` (images larger than the model input or of varying size)."""
+    if data.image_dir:
+        ds, source, version, shape = image_folder.dataset(data.image_dir, split, input_context), data.image_dir, "folder", (None, None, 3)
+    else:
+        builder = _builder(data)
+        image_key, label_key = _keys(builder)
+        ds = builder.as_dataset(split=split, shuffle_files=False)
+        if input_context is not None and input_context.num_input_pipelines > 1:
+            ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        ds = ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32)), num_parallel_calls=AUTOTUNE)
+        source, version, shape = builder.data_dir, str(builder.version), tuple(builder.info.features[image_key].shape)
+    size = cache_size(data, shape, image_size) if image_size else None
+    if size:
+        ds = ds.map(lambda image, label: (_resize_for_cache(image, size), label), num_parallel_calls=AUTOTUNE)
     if data.cache == "memory":
         ds = ds.cache()
     elif data.cache != "none":
         os.makedirs(data.cache, exist_ok=True)
-        ds = ds.cache(cache_file(data, builder, split, input_context))
+        ds = ds.cache(cache_file(data, source, version, split, size, input_context))
     return ds
 
 
 def augment(images: tf.Tensor, mode: str, seed: tf.Tensor) -> tf.Tensor:
-    """Random flip (and 4-pixel pad-and-crop) on a uint8 batch at its native size.
+    """Random flip, with a 4-pixel pad-and-crop ("flip_crop") or a random resized crop
+    ("resized_crop"), on a uint8 batch at its cached size.
 
     Done before upscaling: at 32x32 it costs almost nothing. `seed` is a [2] int tensor,
     so the same seed gives the same augmentation (a resumed run matches an uninterrupted one).
@@ -215,7 +266,28 @@ def augment(images: tf.Tensor, mode: str, seed: tf.Tensor) -> tf.Tensor:
         cols = offsets[:, 1:] + tf.range(shape[2])[None, :]
         images = tf.gather(padded, rows, axis=1, batch_dims=1)
         images = tf.gather(images, cols, axis=2, batch_dims=1)
+    elif mode == "resized_crop":
+        images = random_resized_crop(images, crop_seed)
+    elif mode != "flip":
+        raise ValueError(f"augmentation {mode!r}")
     return images
+
+
+def random_resized_crop(images: tf.Tensor, seed: tf.Tensor, area=(0.35, 1.0), ratio=(3 / 4, 4 / 3)) -> tf.Tensor:
+    """Per image a crop of `area` of it at an aspect ratio in `ratio` (log-uniform), resized
+    back to the batch's size: the usual ImageNet-style augmentation, one op for the batch."""
+    count = tf.shape(images)[0]
+    area_seed, ratio_seed, place_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    scale = tf.random.stateless_uniform([count], area_seed, *area)
+    aspect = tf.exp(tf.random.stateless_uniform([count], ratio_seed, math.log(ratio[0]), math.log(ratio[1])))
+    height = tf.minimum(tf.sqrt(scale / aspect), 1.0)
+    width = tf.minimum(tf.sqrt(scale * aspect), 1.0)
+    place = tf.random.stateless_uniform([count, 2], place_seed)
+    top, left = place[:, 0] * (1.0 - height), place[:, 1] * (1.0 - width)
+    boxes = tf.stack([top, left, top + height, left + width], axis=1)
+    size = tf.shape(images)[1:3]
+    crops = tf.image.crop_and_resize(tf.cast(images, tf.float32), boxes, tf.range(count), size)
+    return tf.cast(tf.clip_by_value(tf.round(crops), 0, 255), images.dtype)
 
 
 def train_dataset(
@@ -235,7 +307,9 @@ def train_dataset(
     `augment_mode` overrides data.augment (phases may augment differently).
     """
     augment_mode = augment_mode or data.augment
-    ds = load_images(data, split, input_context)
+    if augment_mode == "auto":
+        augment_mode = resolve_augment(augment_mode, dataset_info(data, []).image_shape, image_size)
+    ds = load_images(data, split, input_context, image_size)
     ds = ds.shuffle(data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
     ds = ds.batch(batch_size, drop_remainder=True)
     if skip_batches:
@@ -261,7 +335,7 @@ def eval_dataset(
     input_context: Optional[tf.distribute.InputContext] = None,
 ):
     """One ordered pass over `split`, last batch partial, prepared like training batches."""
-    ds = load_images(data, split, input_context).batch(batch_size)
+    ds = load_images(data, split, input_context, image_size).batch(batch_size)
     if data.resize_on == "host":
         ds = ds.map(lambda images, labels: (to_model_input(images, image_size), labels), num_parallel_calls=AUTOTUNE)
     return pipeline_options(ds.prefetch(AUTOTUNE))

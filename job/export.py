@@ -89,6 +89,18 @@ def restore_classifier(config: Config, workdir: str, checkpoint: Optional[str] =
     return model, restore_newest(reader, directory, partial=True), record
 
 
+def write_saved_model(served: keras.Model, record: dict, path: str) -> None:
+    """A SavedModel for TF Serving: `serve` (uint8 images of any size -> probabilities) and
+    `class_names` (the names of the classes, in the order of the probabilities)."""
+    archive = keras.export.ExportArchive()
+    archive.track(served)
+    archive.add_endpoint("serve", served.call,
+                         input_signature=[tf.TensorSpec([None, None, None, served.input_shape[-1]], tf.uint8)])
+    names = tf.constant([str(n) for n in record["class_names"]] or [str(i) for i in range(record["num_classes"])])
+    archive.add_endpoint("class_names", tf.function(lambda: names), input_signature=[])
+    archive.write_out(path, verbose=False)
+
+
 def export(config: Config, location: Union[str, Workdir]) -> str:
     """Write the serving model of the workdir's newest checkpoint into <workdir>/export; its location."""
     workdir = location if isinstance(location, Workdir) else Workdir.open(location)
@@ -99,7 +111,7 @@ def export(config: Config, location: Union[str, Workdir]) -> str:
         served = serving_model(model, config.model.image_size, channels=record["image_shape"][-1] or 3)
         os.makedirs(workdir.path("export"), exist_ok=True)
         served.save(exported_model_path(workdir))
-        served.export(workdir.path("export", "saved_model"), format="tf_saved_model", verbose=False)
+        write_saved_model(served, record, workdir.path("export", "saved_model"))
         with open(workdir.path("export", RUN_RECORD), "w") as f:
             json.dump(record, f, indent=1)
         workdir.push("export")
@@ -133,7 +145,8 @@ def evaluate(config: Config, location: str, split: str) -> dict:
             if isinstance(err, NoReadableCheckpoint):
                 log.warning("%s; evaluating the exported model instead", err)
             served, source = load_exported(exported_model_path(workdir)), workdir.uri("export", "model.keras")
-        raw = data_lib.load_images(config.data, split).batch(256)
+        # At the size training cached them (varying sizes cannot be batched); the model resizes.
+        raw = data_lib.load_images(config.data, split, image_size=config.model.image_size).batch(256)
         correct = count = 0
         for images, labels in raw:
             predicted = np.argmax(served(images, training=False), axis=-1)

@@ -134,9 +134,26 @@ class Run:
         set_backbone_trainable(self.model, phase.config.unfreeze)
         return self.model.classifier.trainable_variables
 
+    def augment(self, phase: Phase) -> str:
+        """The phase's augmentation, "auto" resolved: flips for images no larger than the model
+        input (CIFAR-10), random resized crops and flips for larger ones."""
+        return data_lib.resolve_augment(self.config.augment_for(phase.name), self.info.image_shape,
+                                        self.config.model.image_size)
+
+    def cache_statement(self) -> str:
+        """What the image cache holds and how much memory (or disk) it takes, for the log."""
+        d = self.config.data
+        size = data_lib.cache_size(d, self.info.image_shape, self.config.model.image_size)
+        counts = {split: self.info.split_sizes[split] for split in (d.train_split, d.val_split) if split}
+        total = data_lib.cache_bytes(sum(counts.values()), self.info.image_shape, size)
+        what = f"{size}x{size}" if size else "their own size, " + "x".join(str(n) for n in self.info.image_shape[:2])
+        where = {"memory": "in memory", "none": "not cached"}.get(d.cache, f"on disk in {d.cache}")
+        return (f"images cached as uint8 at {what} ({', '.join(f'{s}: {n}' for s, n in counts.items())}): "
+                f"{total / 2**20:.1f} MB {where} over all workers")
+
     def use_feature_cache(self, phase: Phase) -> bool:
         setting = self.config.train.cache_features
-        return phase.name == "head" and (setting is True or (setting == "auto" and self.config.augment_for("head") == "none"))
+        return phase.name == "head" and (setting is True or (setting == "auto" and self.augment(phase) == "none"))
 
     def steps_per_call(self, phase: Phase) -> int:
         """Train steps per tf.function call: the setting, or at least CACHED_STEPS_PER_CALL on cached features."""
@@ -182,7 +199,7 @@ class Run:
             val_data = self.strategy.distribute_datasets_from_function(
                 lambda ctx: features_lib.eval_dataset(*val)) if val else None
             return train_data, val_data
-        augment = self.config.augment_for(phase.name)
+        augment = self.augment(phase)
         train_data = self.distribute(lambda b, ctx: data_lib.train_dataset(
             d, d.train_split, b, m.image_size, seed, self._skip_batches(phase_step, ctx), ctx, augment))
         val_data = self.distribute(
@@ -434,6 +451,7 @@ def train_and_evaluate(config: Config, workdir: Optional[Workdir] = None, report
             log.info("devices: %s (%s, %d replicas); threads: %d intra-op, %d inter-op, %d tf.data (%s)",
                      ", ".join(run.devices), type(run.strategy).__name__, run.replicas, t["intra_op"], t["inter_op"],
                      t["tf_data"], t["from"])
+            log.info("%s", run.cache_statement())
         restored = checkpoints.restore_latest(restore_from or workdir.path("checkpoints"))
         if restored:
             log.info("resumed from %s at step %d", restored, run.global_step)

@@ -55,6 +55,20 @@ def test_tensorboard_events_and_profile_trace_are_written(finished_run):
     assert traces and traces[0].stat().st_size > 10_000
 
 
+def test_the_profile_tab_shows_each_traced_step(finished_run):
+    """What TensorBoard's overview page and input-pipeline analyzer make of the trace (the profile
+    plugin's own converter): the two traced fine-tune steps (profile_steps [1, 3) = global steps
+    9 and 10), each under its own step marker, with a step time; no "No step marker" warning."""
+    from job.profile import step_summary, traces
+
+    (trace,) = traces(str(finished_run[0] / "tensorboard" / "train"))
+    for tool in ("overview_page", "input_pipeline_analyzer"):
+        summary = step_summary(trace, tool)
+        assert not summary["no_step_marker"], (tool, summary)
+        assert summary["step_names"] == ["train 9", "train 10"] and summary["average_step_ms"] > 0, (tool, summary)
+        assert 0 <= summary["input_percent"] < 100
+
+
 def test_exported_model_serves_raw_uint8_images(finished_run):
     workdir, _ = finished_run
     import keras
@@ -107,6 +121,11 @@ def test_tensorboard_serves_scalars_and_profile_over_http(finished_run):
         assert profile_runs, runs
         tools = http_json(f"{base}/plugin/profile/run_tools?run={profile_runs[0]}", deadline)
         assert any(t.startswith("trace_viewer") for t in tools) and "overview_page" in tools
+        from job.profile import summarize
+
+        for tool in ("overview_page", "input_pipeline_analyzer"):  # the data the Profile tab draws
+            page = summarize(http_json(f"{base}/plugin/profile/data?run={profile_runs[0]}&tag={tool}", deadline))
+            assert page["steps"] == 2 and page["average_step_ms"] > 0 and not page["no_step_marker"], (tool, page)
     finally:
         board.terminate()
         board.wait(timeout=30)

@@ -153,3 +153,16 @@ def test_every_worker_runs_the_profile_window_alone_even_without_tracing():
         return sizes
 
     assert calls(ProfilerWindow(None, (5, 7))) == [4, 1, 1, 1, 5]  # 4 steps, warm-up step 4, steps 5 and 6 alone
+
+
+def test_a_mirrored_profile_shows_step_times(tmp_path):
+    """MirroredStrategy over 2 logical CPU devices: the Profile tab's overview page finds each
+    traced step, as for one device."""
+    from job.profile import step_summary, traces
+
+    summary = _mock_cli(tmp_path, "train.strategy=mirrored", "train.cpu_devices=2", "train.steps_per_call=4",
+                        "telemetry.profile_phase=finetune", "telemetry.profile_steps=[1,3]")
+    assert summary["replicas"] == 2
+    (trace,) = traces(str(tmp_path / "tensorboard" / "train"))
+    page = step_summary(trace, "input_pipeline_analyzer")
+    assert page["step_names"] == ["train 5", "train 6"] and page["average_step_ms"] > 0 and not page["no_step_marker"]

@@ -1,0 +1,122 @@
+"""A folder of the user's own images as a dataset (data.image_dir).
+
+Layout, as TFDS's ImageFolder reads it: PATH/<split>/<class>/<image>, e.g. PATH/train/cat/1.jpg.
+Splits may be sliced like TFDS splits (`train[:90%]`, `train[90%:]`): the files of a split,
+in sorted order, are cut by the same rules. JPEG, PNG, GIF (first frame) and BMP, in any
+mode (RGB, grayscale, with alpha, palette): each becomes 3-channel RGB. Files that do not
+decode are left out, counted, and named in the log, rather than failing an epoch halfway.
+Classes are the sorted folder names of all splits, so a class's index is the same in every split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import types
+from typing import Optional
+
+import tensorflow_datasets as tfds
+
+from job.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+
+
+@dataclasses.dataclass(frozen=True)
+class Folder:
+    root: str
+    classes: tuple  # sorted class names
+    files: dict  # split -> [(path, class index)], sorted by path
+    unreadable: tuple  # paths that do not decode
+
+
+def _split_dirs(root: str) -> list[str]:
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+
+
+def _readable(path: str) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes it all: a truncated file fails here, not in the middle of an epoch
+        return True
+    except Exception:  # noqa: BLE001 - any decoding failure means "skip it"
+        return False
+
+
+@functools.lru_cache(maxsize=8)
+def scan(root: str, validate: bool = True) -> Folder:
+    """The images under `root` (each decoded once to check it, if `validate`); DataError if the
+    layout is not PATH/<split>/<class>/<image> with at least two classes."""
+    setting = f"data.image_dir={root!r}"
+    if not os.path.isdir(root):
+        raise DataError(f"{setting}: not a directory")
+    splits = _split_dirs(root)
+    classes = sorted({c for s in splits for c in _split_dirs(os.path.join(root, s))})
+    if not classes:
+        raise DataError(f"{setting}: no images; expected {root}/<split>/<class>/<image>, e.g. {root}/train/cat/1.jpg")
+    if len(classes) < 2:
+        raise DataError(f"{setting}: one class ({classes[0]}); a classifier needs at least two class folders")
+    index = {name: i for i, name in enumerate(classes)}
+    files, unreadable = {}, []
+    for split in splits:
+        found = []
+        for name in _split_dirs(os.path.join(root, split)):
+            folder = os.path.join(root, split, name)
+            for file in sorted(os.listdir(folder)):
+                path = os.path.join(folder, file)
+                if file.lower().endswith(SUFFIXES) and os.path.isfile(path):
+                    if validate and not _readable(path):
+                        unreadable.append(path)
+                        continue
+                    found.append((path, index[name]))
+        files[split] = sorted(found)
+    if validate and unreadable:
+        log.warning("data.image_dir: %d file(s) do not decode and are left out: %s", len(unreadable), ", ".join(unreadable))
+    if not any(files.values()):
+        raise DataError(f"{setting}: no {'/'.join(SUFFIXES)} images under {root}/<split>/<class>/")
+    return Folder(root, tuple(classes), files, tuple(unreadable))
+
+
+def split_files(folder: Folder, split: str) -> list[tuple[str, int]]:
+    """The (path, label) pairs of a possibly sliced split, e.g. 'train[:90%]'."""
+    try:
+        instruction = tfds.core.ReadInstruction.from_spec(split)
+        sizes = {name: types.SimpleNamespace(num_examples=len(files)) for name, files in folder.files.items()}
+        pieces = instruction.to_absolute(sizes)
+    except (ValueError, KeyError, AssertionError) as err:
+        available = sorted(folder.files)
+        raise DataError(f"split {split!r} of data.image_dir={folder.root!r}: {str(err).splitlines()[0]} "
+                        f"(available: {available})") from None
+    chosen = [pair for piece in pieces for pair in folder.files[piece.splitname][piece.from_:piece.to]]
+    if not chosen:
+        raise DataError(f"split {split!r} of data.image_dir={folder.root!r} holds no images")
+    return chosen
+
+
+def info(root: str, splits: list[str], validate: bool = True) -> tuple[tuple, dict]:
+    """(class names, {split: size}) of the folder."""
+    folder = scan(root, validate)
+    return folder.classes, {split: len(split_files(folder, split)) for split in splits}
+
+
+def dataset(root: str, split: str, input_context: Optional[object] = None):
+    """(uint8 RGB image of its own size, int32 label) pairs of this worker's shard of `split`."""
+    import tensorflow as tf
+
+    pairs = split_files(scan(root), split)
+    ds = tf.data.Dataset.from_tensor_slices(([p for p, _ in pairs], [label for _, label in pairs]))
+    if input_context is not None and input_context.num_input_pipelines > 1:
+        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+
+    def decode(path, label):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        return tf.ensure_shape(image, [None, None, 3]), tf.cast(label, tf.int32)
+
+    # A file PIL decoded but TensorFlow cannot is skipped here too (with TensorFlow's warning).
+    return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
