@@ -90,7 +90,7 @@ def compare(config: Config, rounds: int, steps: int) -> dict:
         phase = next(p for p in run.phases if p.name == "finetune")
         job_steps = run.step_functions(phase)
         job_data = iter(run.datasets(phase, 0)[0])
-        job_synthetic = iter(synthetic_dataset(run, False, 0))
+        job_synthetic = iter(synthetic_dataset(run, phase))
 
         x, y = numpy_split(config, config.data.train_split)
         if len(x) < (steps + 1) * batch:

@@ -34,6 +34,7 @@ from typing import Callable, Optional
 import keras
 import tensorflow as tf
 
+from job import data as data_lib
 from job.config import Config
 from job.model import build_model
 from job.telemetry import ProfilerWindow
@@ -201,15 +202,20 @@ def input_wait_from_trace(profile_dir: str) -> Optional[dict]:
 
 
 # --- one phase -----------------------------------------------------------------------
-def synthetic_dataset(run, cached: bool, feature_dim: int):
-    """One random batch per replica, repeated: the train step with no input cost."""
+def synthetic_dataset(run, phase):
+    """One random batch per replica, of what the phase's step takes, repeated: the step with no input cost."""
     config = run.config
-    if cached:
-        shape, dtype = (feature_dim,), tf.float32
+    size = config.model.image_size
+    if run.use_feature_cache(phase):
+        shape, dtype = (int(run.model.head.input_shape[-1]),), tf.float32
+    elif run.use_frozen_cache(phase):
+        shape, dtype = run.split.shape, tf.float32
     elif config.data.resize_on == "device":
-        shape, dtype = run.info.image_shape, tf.uint8
+        cached = data_lib.cache_size(config.data, run.info.image_shape, size)
+        shape = (cached, cached, run.info.image_shape[2] or 3) if cached else run.info.image_shape
+        dtype = tf.uint8
     else:
-        shape, dtype = (config.model.image_size, config.model.image_size, 3), tf.float32
+        shape, dtype = (size, size, 3), tf.float32
 
     def make(batch, ctx):
         images = tf.random.stateless_uniform((batch, *shape), seed=[0, 0], maxval=255 if dtype == tf.uint8 else 1.0,
@@ -307,7 +313,7 @@ def benchmark_phase(run, phase_name: str, budget: Budget, flops: dict, peaks: di
     log.info("benchmark %s: input pipeline", phase_name)
     result["input"] = time_input(train_data, budget, images)
     log.info("benchmark %s: train step on a synthetic batch and end to end", phase_name)
-    synthetic = iter(synthetic_dataset(run, cached, int(run.model.head.input_shape[-1])))
+    synthetic = iter(synthetic_dataset(run, phase))
     real = iter(train_data)
     pairs = time_steps(steps, synthetic, real, budget, per_call, images)
     result["step"], result["e2e"] = summary([p[0] for p in pairs]), summary([p[1] for p in pairs])

@@ -46,6 +46,18 @@ class DataConfig(_Section):
     # Where the 32x32 -> image_size resize and input scaling run: in tf.data on the host,
     # or inside the train step on the accelerator (the host then ships uint8 32x32 batches).
     resize_on: Literal["host", "device"] = "device"
+    # Upscaling to model.image_size: the interpolation, then an unsharp mask of this amount
+    # over a sharpen_size box (0: none). Sharper inputs transfer better (job.preprocess.sharpen).
+    resize_method: Literal["bilinear", "bicubic", "lanczos3", "lanczos5", "nearest", "area"] = "bilinear"
+    sharpen: float = Field(0.0, ge=0.0)
+    sharpen_size: int = Field(5, ge=3, le=15)
+
+    @field_validator("sharpen_size")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError("must be odd (a centred box)")
+        return value
 
 
 class ModelConfig(_Section):
@@ -56,6 +68,9 @@ class ModelConfig(_Section):
     # Frozen BatchNorm folded into its convolution when training and extracting features
     # (same function, fused kernels; job.model). false: run the stock Keras layers.
     fold_batchnorm: bool = True
+    # Flip test-time augmentation: validation, `evaluate` and the exported model average the
+    # class probabilities of each image and its mirror image (twice the inference cost).
+    flip_tta: bool = False
 
     @field_validator("weights")
     @classmethod
@@ -81,6 +96,10 @@ class PhaseConfig(_Section):
 class FinetuneConfig(PhaseConfig):
     # "all" or the number of top backbone layers to unfreeze. BatchNorm stays in inference mode.
     unfreeze: Union[Literal["all"], int] = "all"
+    # With unfreeze=N: compute the frozen bottom's output once per image (and per mirror image
+    # when the phase flips) and train the top on it, exactly as on images. Memory: one
+    # activation per image, e.g. 32 KB at 128 px below block_6 (unfreeze=100).
+    cache_frozen: bool = False
 
     @field_validator("unfreeze")
     @classmethod
@@ -227,6 +246,11 @@ class Config(_Section):
             raise ValueError(
                 "train.cache_features=true needs train.head.augment='none' (cached features cannot be augmented)"
             )
+        if self.train.finetune.cache_frozen and self.train.finetune.unfreeze == "all":
+            raise ValueError("train.finetune.cache_frozen=true needs train.finetune.unfreeze=N (a frozen bottom to cache)")
+        if self.train.finetune.cache_frozen and self.augment_for("finetune") not in ("none", "flip", "auto"):
+            raise ValueError("train.finetune.cache_frozen=true needs the finetune augmentation 'none' or 'flip' "
+                             "(crops cannot be cached)")
         if self.ray.enabled and len(self.ray.worker_counts()) > 1 and self.train.per_replica_batch_size:
             raise ValueError(f"ray.num_workers={list(self.ray.num_workers)} changes the number of replicas: set the "
                              "global batch (train.batch_size) and leave train.per_replica_batch_size unset")

@@ -24,7 +24,7 @@ from etils import epy
 from job import image_folder, storage
 from job.config import DataConfig
 from job.errors import DataError, JobError
-from job.preprocess import to_model_input
+from job.preprocess import model_input_fn
 
 with epy.lazy_imports():
     # TensorFlow loads on first use: `dataset_info` reads TFDS metadata alone, so the CLI
@@ -255,9 +255,8 @@ def augment(images: tf.Tensor, mode: str, seed: tf.Tensor) -> tf.Tensor:
     if mode == "none":
         return images
     shape = tf.shape(images)
-    flip_seed, crop_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    flip = tf.random.stateless_uniform([shape[0], 1, 1, 1], flip_seed) < 0.5
-    images = tf.where(flip, tf.reverse(images, axis=[2]), images)
+    _, crop_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    images = tf.where(flip_mask(shape[0], seed), tf.reverse(images, axis=[2]), images)
     if mode == "flip_crop":
         pad = 4
         padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
@@ -271,6 +270,14 @@ def augment(images: tf.Tensor, mode: str, seed: tf.Tensor) -> tf.Tensor:
     elif mode != "flip":
         raise ValueError(f"augmentation {mode!r}")
     return images
+
+
+def flip_mask(count, seed):
+    """[count, 1, 1, 1] booleans: which images of a batch `augment` mirrors for this [2] seed.
+    Cached activations of mirrored images are picked with the same mask (job.train), so a
+    phase trained on them sees exactly the flips an image pipeline would apply."""
+    flip_seed, _ = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    return tf.random.stateless_uniform([count, 1, 1, 1], flip_seed) < 0.5
 
 
 def random_resized_crop(images: tf.Tensor, seed: tf.Tensor, area=(0.35, 1.0), ratio=(3 / 4, 4 / 3)) -> tf.Tensor:
@@ -321,7 +328,7 @@ def train_dataset(
         images, labels = batch
         images = augment(images, augment_mode, tf.stack([tf.cast(seed, tf.int64), index]))
         if data.resize_on == "host":
-            images = to_model_input(images, image_size)
+            images = model_input_fn(data, image_size)(images)
         return images, labels
 
     return pipeline_options(ds.map(prepare, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE))
@@ -337,5 +344,6 @@ def eval_dataset(
     """One ordered pass over `split`, last batch partial, prepared like training batches."""
     ds = load_images(data, split, input_context, image_size).batch(batch_size)
     if data.resize_on == "host":
-        ds = ds.map(lambda images, labels: (to_model_input(images, image_size), labels), num_parallel_calls=AUTOTUNE)
+        prepare = model_input_fn(data, image_size)
+        ds = ds.map(lambda images, labels: (prepare(images), labels), num_parallel_calls=AUTOTUNE)
     return pipeline_options(ds.prefetch(AUTOTUNE))

@@ -34,32 +34,48 @@ log = logging.getLogger(__name__)
 class ToModelInput(keras.layers.Layer):
     """job.preprocess.to_model_input as the serving model's first layer: the same function as in training."""
 
-    def __init__(self, image_size: int, **kwargs):
+    def __init__(self, image_size: int, method: str = "bilinear", sharpen: float = 0.0, sharpen_size: int = 5, **kwargs):
         super().__init__(**kwargs)
-        self.image_size = image_size
+        self.image_size, self.method, self.sharpen, self.sharpen_size = image_size, method, float(sharpen), sharpen_size
 
     def call(self, images):
-        return to_model_input(images, self.image_size)
+        return to_model_input(images, self.image_size, "float32", self.method, self.sharpen, self.sharpen_size)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.image_size, self.image_size, 3)
 
     def get_config(self):
-        return {**super().get_config(), "image_size": self.image_size}
+        return {**super().get_config(), "image_size": self.image_size, "method": self.method, "sharpen": self.sharpen,
+                "sharpen_size": self.sharpen_size}
 
 
-def serving_model(model: TransferModel, image_size: int, channels: int = 3) -> keras.Model:
-    """Raw uint8 images of any size in, class probabilities out.
+@keras.saving.register_keras_serializable(package="job")
+class MirrorImage(keras.layers.Layer):
+    """Left-right mirror of an NHWC batch (flip test-time augmentation)."""
+
+    def call(self, images):
+        return keras.ops.flip(images, axis=2)
+
+
+def serving_model(model: TransferModel, config: Config, channels: int = 3) -> keras.Model:
+    """Raw uint8 images of any size in, class probabilities out: upscaled as in training
+    (data.resize_method, data.sharpen), the mean over the image and its mirror image with
+    model.flip_tta.
 
     Freezes `model`: a frozen BatchNorm runs in inference mode whatever `training` value
     Keras passes down the nested graphs (seen: an unfrozen one here used batch statistics).
     """
     set_backbone_trainable(model, False)
+    d = config.data
     raw = keras.Input((None, None, channels), dtype="uint8", name="raw_image")
-    x = ToModelInput(image_size, name="to_model_input")(raw)
+    x = ToModelInput(config.model.image_size, d.resize_method, d.sharpen, d.sharpen_size, name="to_model_input")(raw)
+    softmax = keras.layers.Softmax(dtype="float32", name="probabilities")
     # training=False recorded in the graph: otherwise a caller's default training=None lets the
     # nested head resolve dropout as active (seen with Keras 3.15: two calls, two answers).
-    probabilities = keras.layers.Softmax(dtype="float32", name="probabilities")(model.classifier(x, training=False))
+    probabilities = softmax(model.classifier(x, training=False))
+    if config.model.flip_tta:
+        mirrored = softmax(model.classifier(MirrorImage(name="mirror")(x), training=False))
+        probabilities = keras.layers.Average(name="flip_tta")([probabilities, mirrored])
     return keras.Model(raw, probabilities, name="serving")
 
 
@@ -108,7 +124,7 @@ def export(config: Config, location: Union[str, Workdir]) -> str:
         workdir.pull("checkpoints")
         workdir.pull(RUN_RECORD)
         model, latest, record = restore_classifier(config, workdir.local)
-        served = serving_model(model, config.model.image_size, channels=record["image_shape"][-1] or 3)
+        served = serving_model(model, config, channels=record["image_shape"][-1] or 3)
         os.makedirs(workdir.path("export"), exist_ok=True)
         served.save(exported_model_path(workdir))
         write_saved_model(served, record, workdir.path("export", "saved_model"))
@@ -135,8 +151,8 @@ def evaluate(config: Config, location: str, split: str) -> dict:
         workdir.pull("checkpoints")
         workdir.pull(RUN_RECORD)
         try:
-            model, source, _ = restore_classifier(config, workdir.local)
-            served = serving_model(model, config.model.image_size)
+            model, source, record = restore_classifier(config, workdir.local)
+            served = serving_model(model, config, channels=record["image_shape"][-1] or 3)
         except (NothingToLoad, NoReadableCheckpoint) as err:
             if not workdir.pull("export/model.keras"):
                 if isinstance(err, NoReadableCheckpoint):

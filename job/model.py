@@ -26,6 +26,7 @@ import logging
 import os
 import tempfile
 import warnings
+from typing import Callable
 
 import h5py
 from etils import epy
@@ -76,6 +77,36 @@ class TransferModel:
             return lambda x, **kwargs: x  # its convolution already does this
         return layer
 
+    def _run(self, model: keras.Model, inputs):
+        """A functional sub-model of the backbone with BatchNorm in inference mode (folded if `folds`)."""
+        if not self.folds:
+            return model(inputs, training=False)
+        return model._run_through_graph(inputs, operation_fn=self._folded_operation)
+
+    def split(self, unfreeze) -> "BackboneSplit":
+        """The backbone cut below its top `unfreeze` layers (as `set_backbone_trainable` counts them).
+
+        Raises ValueError unless the top layers read exactly one tensor of the frozen ones
+        (true at a block boundary of MobileNetV2; inside a block the residual branch also crosses).
+        """
+        layers = self.backbone.layers
+        first = first_trainable_layer(self.backbone, unfreeze)
+        if first == 0 or first >= len(layers):
+            raise ValueError(f"unfreeze={unfreeze!r} leaves no frozen bottom or no trainable top to cut between")
+        crossing = _crossing_tensors(layers, first)
+        if len(crossing) != 1:
+            count = len(layers) - first
+            valid = [len(layers) - i for i in range(1, len(layers)) if len(_crossing_tensors(layers, i)) == 1]
+            near = [max((n for n in valid if n < count), default=None), min((n for n in valid if n > count), default=None)]
+            raise ValueError(f"the top {count} layers read {len(crossing)} tensors of the frozen ones; cut at a block "
+                             f"boundary instead, e.g. {' or '.join(str(n) for n in near if n is not None)}")
+        (cut,) = crossing
+        bottom, top = keras.Model(self.backbone.input, cut), keras.Model(cut, self.backbone.output)
+        pool = self.extractor.get_layer("pool")
+        return BackboneSplit(layers[first].name, tuple(cut.shape[1:]),
+                             bottom=lambda images: self._run(bottom, images),
+                             top_features=lambda activations: pool(self._run(top, activations)))
+
     def logits(self, images, training: bool):
         """Logits with the backbone always in inference mode, the head's dropout per `training`.
 
@@ -83,6 +114,30 @@ class TransferModel:
         recorded inside nested functional graphs to survive an outer training=True.
         """
         return self.head(self.features(images), training=training)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneSplit:
+    """The backbone cut where its trainable top begins (`TransferModel.split`): `bottom`
+    (images -> activations at the cut, frozen: computable once) and `top_features`
+    (activations -> pooled features, what fine-tuning trains)."""
+
+    first_trainable: str  # name of the first layer above the cut
+    shape: tuple  # of one image's activations at the cut
+    bottom: Callable
+    top_features: Callable
+
+
+def _crossing_tensors(layers: list, first: int) -> list:
+    """Distinct tensors that layers[first:] read from layers[:first]."""
+    below = {id(layer) for layer in layers[:first]}
+    crossing = {}
+    for layer in layers[first:]:
+        for node in layer._inbound_nodes:
+            for tensor in node.input_tensors:
+                if id(tensor._keras_history.operation) in below:
+                    crossing[id(tensor)] = tensor
+    return list(crossing.values())
 
 
 def batchnorm_folds(backbone: keras.Model) -> dict:
@@ -270,15 +325,19 @@ def build_model(model: ModelConfig, num_classes: int, precision: str = "float32"
                          **(fold_plan(backbone) if model.fold_batchnorm else {}))
 
 
+def first_trainable_layer(backbone: keras.Model, unfreeze) -> int:
+    """Index of the first backbone layer `unfreeze` (False / "all" / N) makes trainable."""
+    if unfreeze is False:
+        return len(backbone.layers)
+    if unfreeze == "all":
+        return 0
+    return max(len(backbone.layers) - int(unfreeze), 0)
+
+
 def set_backbone_trainable(model: TransferModel, unfreeze) -> None:
     """False / "all" / N: freeze the backbone, unfreeze all of it, or only its top N layers."""
     layers = model.backbone.layers
-    if unfreeze is False:
-        first = len(layers)
-    elif unfreeze == "all":
-        first = 0
-    else:
-        first = max(len(layers) - int(unfreeze), 0)
+    first = first_trainable_layer(model.backbone, unfreeze)
     # Set every layer explicitly: a container's `trainable = True` does not undo an earlier
     # per-layer freeze.
     model.backbone.trainable = first < len(layers)

@@ -93,11 +93,12 @@ class StepFunctions:
     (the whole model on images, or the head alone on cached features)."""
 
     def __init__(self, strategy, forward, variables: list, optimizer, preprocess, global_batch: int,
-                 label_smoothing: float, step_counter: tf.Variable, jit_compile: bool):
+                 label_smoothing: float, step_counter: tf.Variable, jit_compile: bool, flip_tta: bool = False):
         self.strategy, self.forward, self.optimizer = strategy, forward, optimizer
         self.preprocess, self.global_batch = preprocess, global_batch
         self.label_smoothing, self.step_counter = label_smoothing, step_counter
         self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        self.flip_tta = flip_tta
         self.variables = variables
         _apply_reduced_gradients(optimizer)
         # XLA compiles the forward and backward pass; the all-reduce and the optimizer update stay outside.
@@ -153,8 +154,18 @@ class StepFunctions:
             totals += self._one_step(iterator, stop)
         return totals
 
+    def _eval_logits(self, inputs):
+        """Logits; with flip test-time augmentation, the log of the mean of the image's and its
+        mirror image's probabilities (cached inputs come as (plain, mirrored) pairs; images are
+        mirrored here, before upscaling)."""
+        if not self.flip_tta:
+            return self.forward(self.preprocess(inputs), training=False)
+        plain, mirrored = inputs if isinstance(inputs, tuple) else (inputs, tf.reverse(inputs, axis=[2]))
+        probabilities = [tf.nn.softmax(self.forward(self.preprocess(x), training=False)) for x in (plain, mirrored)]
+        return tf.math.log(tf.maximum((probabilities[0] + probabilities[1]) / 2, 1e-12))
+
     def _replica_eval(self, inputs, labels):
-        logits = self.forward(self.preprocess(inputs), training=False)
+        logits = self._eval_logits(inputs)
         predicted = tf.argmax(logits, -1, output_type=tf.int32)
         sums = tf.stack([tf.reduce_sum(self._per_example_loss(labels, logits)),
                          tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.float32)),

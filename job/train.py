@@ -37,7 +37,7 @@ from job.errors import NonFiniteLoss, Preempted
 from job.model import TransferModel, build_model, set_backbone_trainable
 from job.periodic import Every, chunk_length
 from job.preemption import StopRequests, TfPreemptionNotice
-from job.preprocess import to_model_input
+from job.preprocess import model_input_fn
 from job.resume import check_resume, write_run_files
 from job.storage import Workdir
 from job.step import (CORRECT, LOSS, SKIPPED, STOP, Phase, StepFunctions, global_batch_size, learning_rate_scale,
@@ -112,7 +112,20 @@ class Run:
                 # Built now so a restore fills its slots immediately rather than lazily.
                 optimizer.build(self.trainable(phase))
                 self.optimizers[phase.name] = optimizer
-        self._extract = features_lib.FeatureExtractor(self.strategy, self.model.features, self.preprocess)
+        self._extract_features = features_lib.Extractor(self.strategy, self.model.features, self.preprocess)
+        # The frozen bottom of the fine-tune phase, when its activations are cached: it also
+        # feeds the head phase, whose features are then the top's on those activations.
+        self.split, self._cache = None, {}
+        finetune = self.phases[1]
+        if finetune.config.cache_frozen and finetune.steps > 0:
+            try:
+                self.split = self.model.split(finetune.config.unfreeze)
+            except ValueError as err:
+                raise ConfigError(f"train.finetune.unfreeze={finetune.config.unfreeze!r} with cache_frozen: {err}") from None
+            self._extract_bottom = features_lib.Extractor(self.strategy, self.split.bottom, self.preprocess)
+            # Traced once for any batch size: inference on this worker's cached activations.
+            self._top_features = tf.function(self.split.top_features,
+                                             input_signature=[tf.TensorSpec([None, *self.split.shape], tf.float32)])
 
     def record(self) -> dict:
         """The run's record (job.resume.RUN_RECORD): the global batch in use and what the model was trained on."""
@@ -155,6 +168,10 @@ class Run:
         setting = self.config.train.cache_features
         return phase.name == "head" and (setting is True or (setting == "auto" and self.augment(phase) == "none"))
 
+    def use_frozen_cache(self, phase: Phase) -> bool:
+        """Fine-tune the top on cached activations of the frozen bottom (train.finetune.cache_frozen)."""
+        return phase.name == "finetune" and self.split is not None
+
     def steps_per_call(self, phase: Phase) -> int:
         """Train steps per tf.function call: the setting, or at least CACHED_STEPS_PER_CALL on cached features."""
         per_call = self.config.train.steps_per_call
@@ -163,16 +180,22 @@ class Run:
     def preprocess(self, images):
         """What the step does to a batch before the model: resize and scale when data.resize_on=device."""
         if self.config.data.resize_on == "device":
-            return to_model_input(images, self.config.model.image_size)
+            return model_input_fn(self.config.data, self.config.model.image_size)(images)
         return images
 
     def step_functions(self, phase: Phase) -> StepFunctions:
         """The steps of `phase`: the head alone on cached features, else the whole classifier."""
-        cached = self.use_feature_cache(phase)
-        forward = self.model.head if cached else self.model.logits
-        return StepFunctions(self.strategy, forward, self.trainable(phase), self.optimizers[phase.name],
-                             (lambda x: x) if cached else self.preprocess, self.global_batch,
-                             self.config.train.label_smoothing, self.step, self.config.train.jit_compile)
+        preprocess = lambda x: x  # noqa: E731 - cached inputs are ready
+        if self.use_feature_cache(phase):
+            forward = self.model.head
+        elif self.use_frozen_cache(phase):
+            top, head = self.split.top_features, self.model.head
+            forward = lambda activations, training: head(top(activations), training=training)  # noqa: E731
+        else:
+            forward, preprocess = self.model.logits, self.preprocess
+        return StepFunctions(self.strategy, forward, self.trainable(phase), self.optimizers[phase.name], preprocess,
+                             self.global_batch, self.config.train.label_smoothing, self.step,
+                             self.config.train.jit_compile, self.config.model.flip_tta)
 
     # --- data ----------------------------------------------------------------------
     def distribute(self, make_dataset):
@@ -186,25 +209,63 @@ class Run:
         return phase_step * (ctx.num_replicas_in_sync // ctx.num_input_pipelines)
 
     def datasets(self, phase: Phase, phase_step: int):
-        """(train, val) distributed datasets of `phase` from `phase_step` on: cached features or images."""
+        """(train, val) distributed datasets of `phase` from `phase_step` on: cached features,
+        cached activations of the frozen bottom, or images."""
         d, m, seed = self.config.data, self.config.model, self.config.train.seed
         if self.use_feature_cache(phase):
-            started = time.perf_counter()
-            train = self._extract(d, d.train_split, m.image_size, self.global_batch)
-            val = self._extract(d, d.val_split, m.image_size, self.global_batch) if d.val_split else None
-            log.info("cached backbone features of %d training images in %.1fs", int(train[1].shape[0]),
-                     time.perf_counter() - started)
-            train_data = self.distribute(lambda b, ctx: features_lib.train_dataset(
-                *train, b, d.shuffle_buffer, seed, self._skip_batches(phase_step, ctx)))
-            val_data = self.strategy.distribute_datasets_from_function(
-                lambda ctx: features_lib.eval_dataset(*val)) if val else None
-            return train_data, val_data
+            # Evaluating cached features is a matmul: one large batch per replica, not many small ones.
+            return self._cached_datasets(self._features, phase, phase_step, features_lib.FEATURE_EVAL_BATCH)
+        if self.use_frozen_cache(phase):
+            return self._cached_datasets(self._activations, phase, phase_step, features_lib.EXTRACT_BATCH)
         augment = self.augment(phase)
         train_data = self.distribute(lambda b, ctx: data_lib.train_dataset(
             d, d.train_split, b, m.image_size, seed, self._skip_batches(phase_step, ctx), ctx, augment))
         val_data = self.distribute(
             lambda b, ctx: data_lib.eval_dataset(d, d.val_split, b, m.image_size, ctx)) if d.val_split else None
         return train_data, val_data
+
+    # --- cached outputs of the frozen parts --------------------------------------------
+    def _activations(self, split: str, mirrored: bool = False):
+        """Activations of the frozen bottom at the fine-tune cut for this worker's shard, computed once."""
+        key = (split, mirrored)
+        if key not in self._cache:
+            started = time.perf_counter()
+            d = self.config.data
+            self._cache[key] = self._extract_bottom(d, split, self.config.model.image_size, self.global_batch, mirrored)
+            log.info("activations at %s of %d images of %s%s in %.1fs", self.split.first_trainable,
+                     int(self._cache[key][1].shape[0]), split, " (mirrored)" if mirrored else "",
+                     time.perf_counter() - started)
+        return self._cache[key]
+
+    def _features(self, split: str, mirrored: bool = False):
+        """Pooled backbone features of this worker's shard: from the cached bottom activations
+        when the fine-tune phase caches them, else from images."""
+        started = time.perf_counter()
+        if self.split is None:
+            d = self.config.data
+            features, labels = self._extract_features(d, split, self.config.model.image_size, self.global_batch, mirrored)
+        else:
+            activations, labels = self._activations(split, mirrored)
+            features = features_lib.in_batches(self._top_features, activations)
+        log.info("backbone features of %d images of %s%s in %.1fs", int(labels.shape[0]), split,
+                 " (mirrored)" if mirrored else "", time.perf_counter() - started)
+        return features, labels
+
+    def _cached_datasets(self, cache, phase: Phase, phase_step: int, eval_batch: int):
+        """(train, val) over cached per-image tensors, `cache(split, mirrored) -> (tensors, labels)`."""
+        d, seed = self.config.data, self.config.train.seed
+        inputs, labels = cache(d.train_split)
+        mirrored = cache(d.train_split, mirrored=True)[0] if self.augment(phase) == "flip" else None
+        train = self.distribute(lambda b, ctx: features_lib.train_dataset(
+            inputs, labels, b, d.shuffle_buffer, seed, self._skip_batches(phase_step, ctx), mirrored))
+        if not d.val_split:
+            return train, None
+        val_inputs, val_labels = cache(d.val_split)
+        if self.config.model.flip_tta:
+            val_inputs = (val_inputs, cache(d.val_split, mirrored=True)[0])
+        val = self.strategy.distribute_datasets_from_function(
+            lambda ctx: features_lib.eval_dataset(val_inputs, val_labels, eval_batch))
+        return train, val
 
 
 class TrainWindow:
@@ -268,7 +329,9 @@ class Trainer:
         bar = Progress(phase.name, phase.steps, position, run.chief and tel.progress_bar, tel.progress_every_s)
         log.info("phase %s: steps %d..%d (%d per epoch), global batch %d, %d replicas, %s%s", phase.name, position,
                  phase.steps, run.steps_per_epoch, run.global_batch, run.replicas,
-                 "cached features" if cached else f"images at {run.config.model.image_size}px",
+                 "cached features" if cached else (
+                     f"cached activations at {run.split.first_trainable} ({run.config.model.image_size}px)"
+                     if run.use_frozen_cache(phase) else f"images at {run.config.model.image_size}px"),
                  "" if position == 0 else " (resumed)")
         try:
             while position < phase.steps:

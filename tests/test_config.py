@@ -48,6 +48,8 @@ def test_dump_round_trips(tmp_path):
         ("trian.batch_size=1", "trian: unknown setting"),
         ("train.cache_features=true", "needs train.head.augment='none'"),
         ("telemetry.profile_steps=[5,2]", "telemetry.profile_steps"),
+        ("train.finetune.cache_frozen=true", "needs train.finetune.unfreeze=N"),
+        ("data.sharpen_size=4", "data.sharpen_size=4: must be odd"),
         ("novalue", "expected key=value"),
     ],
 )

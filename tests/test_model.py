@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from job.config import ModelConfig
+from job.config import ModelConfig, load_config
 from job.errors import WeightsError
 from job.export import serving_model
 from job.model import build_model as build
@@ -51,7 +51,7 @@ def test_logits_stay_float32_under_mixed_precision(policy):
 
 
 def test_serving_model_takes_raw_uint8_of_any_size(model):
-    served = serving_model(model, 32)
+    served = serving_model(model, load_config(None, ["model.image_size=32"]))
     images = np.random.randint(0, 255, (3, 20, 20, 3)).astype("uint8")
     probabilities = np.asarray(served(images))
     assert probabilities.shape == (3, 10)
@@ -59,6 +59,17 @@ def test_serving_model_takes_raw_uint8_of_any_size(model):
     expected = keras.ops.softmax(model.logits(to_model_input(images, 32), training=False))
     np.testing.assert_allclose(probabilities, expected, rtol=1e-4, atol=1e-6)  # same as training's eval
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_serving_model_upscales_sharpens_and_averages_mirror_images_as_training_does(model):
+    config = load_config(None, ["model.image_size=32", "data.resize_method=bicubic", "data.sharpen=2.0",
+                                "model.flip_tta=true"])
+    served = serving_model(model, config)
+    images = np.random.randint(0, 255, (3, 16, 16, 3)).astype("uint8")
+    prepare = lambda x: to_model_input(x, 32, method="bicubic", sharpen_amount=2.0, sharpen_size=5)  # noqa: E731
+    plain = keras.ops.softmax(model.logits(prepare(images), training=False))
+    mirrored = keras.ops.softmax(model.logits(prepare(images[:, :, ::-1]), training=False))
+    np.testing.assert_allclose(np.asarray(served(images)), (plain + mirrored) / 2, rtol=1e-4, atol=1e-5)
 
 
 def test_missing_weights_file_is_a_clear_error(tmp_path):
@@ -129,3 +140,20 @@ def test_folding_can_be_turned_off():
     assert model.folds == {} and not model.absorbed
     images = np.zeros((1, 32, 32, 3), "float32")
     np.testing.assert_array_equal(model.features(images), model.extractor(images, training=False))
+
+
+def test_split_bottom_then_top_is_the_backbone():
+    images = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype("float32")
+    m = build_model(64, 0.35, "none", 10, 0.2)
+    split = m.split(100)  # MobileNetV2's top 100 layers start at block_6_expand
+    assert split.first_trainable == "block_6_expand"
+    activations = split.bottom(images)
+    assert tuple(activations.shape[1:]) == split.shape
+    np.testing.assert_allclose(split.top_features(activations), m.features(images), rtol=1e-4, atol=1e-5)
+
+
+def test_split_inside_a_residual_block_names_the_nearest_boundaries(model):
+    # The top 102 layers start at block_5_project_BN: they read its convolution's output and,
+    # through block_5_add, the block's input too.
+    with pytest.raises(ValueError, match=r"read 2 tensors .* e\.g\. 100 or 109"):
+        model.split(102)

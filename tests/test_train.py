@@ -64,6 +64,24 @@ def test_head_phase_leaves_the_backbone_untouched(tmp_path):
     assert sorted(last[k].shape for k in changed) == [(10,), (1280, 10)]
 
 
+def test_finetune_on_cached_frozen_activations_matches_training_on_images(tmp_path):
+    """cache_frozen changes where the frozen bottom runs, not the numbers: same flips (from the
+    mirrored images' activations), same flip test-time augmentation, same sharpened upscaling,
+    same weights."""
+    common = [*FAST, "train.finetune.unfreeze=100", "data.augment=flip", "train.head.augment=none",
+              "model.flip_tta=true", "data.resize_method=bicubic", "data.sharpen=2.0", "model.image_size=48"]
+    summaries = {}
+    for cache in (True, False):
+        config = load_config(None, [f"workdir={tmp_path / str(cache)}", *common, f"train.finetune.cache_frozen={cache}"])
+        with tfds.testing.mock_data(num_examples=32):
+            summaries[cache] = train_and_evaluate(config)
+    cached, plain = ([(r["val_accuracy"], r["val_loss"]) for r in summaries[c]["validation_history"]] for c in (True, False))
+    np.testing.assert_allclose(cached, plain, rtol=1e-4)
+    cached, plain = _weights(tmp_path / "True"), _weights(tmp_path / "False")
+    for name, value in plain.items():
+        np.testing.assert_allclose(cached[name], value, rtol=1e-3, atol=1e-5, err_msg=name)
+
+
 @pytest.mark.real_data
 def test_mirrored_on_two_cpu_devices_matches_one_device(tmp_path):
     """Same global batch over 2 replicas or 1: the loss is averaged over the global batch,
