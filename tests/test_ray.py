@@ -22,7 +22,7 @@ import yaml
 from tests.conftest import REPO, run_job
 
 from job.profile import step_summary
-from tests.ray_helpers import (TINY_RAY, digests, replica_records, s3_snapshot_has_checkpoint, snapshot_has_checkpoint,
+from tests.ray_helpers import (TINY_RAY, digests, local_replica_records, replica_records, s3_snapshot_has_checkpoint, snapshot_has_checkpoint,
                                wait_for)
 
 
@@ -125,8 +125,11 @@ def test_job_submit_to_two_node_cluster(cluster, tmp_path):
     output = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0, output[-6000:]
     assert re.search(r"Job 'raysubmit_\w+' succeeded", output), output[-3000:]
-    assert "node_rank=1" in output  # STRICT_SPREAD: the second worker ran on the second node
     run_dir = storage / "submitted"
+    # STRICT_SPREAD: the two workers ran on two nodes (read from the replica records, not the console).
+    records = local_replica_records(run_dir)
+    assert {r["rank"] for r in records} == {0, 1}, records
+    assert len({r["node"] for r in records}) == 2, records
     assert (run_dir / "checkpoint_step0000008" / "ckpt-8.index").is_file()
     assert snapshot_has_checkpoint(run_dir)
     assert (workdir / "export" / "saved_model" / "saved_model.pb").is_file()
