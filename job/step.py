@@ -107,7 +107,9 @@ class StepFunctions:
         self.train_chunk = tf.function(self._train_chunk)
         # One step per call, with no loop inside: what the profiler needs to see step times.
         self.train_step = tf.function(self._one_step)
-        self.eval_batch = tf.function(self._eval_batch)
+        # Built by evaluate() for the dataset's element_spec (batch dimension unknown), so a
+        # partial last batch does not trace the forward pass a second time.
+        self._eval_fn, self._eval_spec = None, None
 
     def _per_example_loss(self, labels, logits):
         one_hot = tf.one_hot(labels, tf.shape(logits)[-1])
@@ -176,8 +178,12 @@ class StepFunctions:
         return self.strategy.experimental_local_results(self.strategy.run(self._replica_eval, args=(inputs, labels)))[0]
 
     def evaluate(self, dist_dataset) -> dict:
+        spec = dist_dataset.element_spec
+        if self._eval_fn is None or spec != self._eval_spec:
+            self._eval_fn = tf.function(self._eval_batch, input_signature=list(spec))
+            self._eval_spec = spec
         total = np.zeros(3)
         for inputs, labels in dist_dataset:
-            total += self.eval_batch(inputs, labels).numpy()
+            total += self._eval_fn(inputs, labels).numpy()
         loss_sum, correct, count = total
         return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1), "examples": int(count)}
