@@ -139,6 +139,37 @@ def _predict(args: argparse.Namespace) -> int:
     return 0 if answered else 2
 
 
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # TFDS logs every dataset it opens (and warns about every version folder it probes),
+    # tf.distribute every reduction it plans.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
+    # TensorFlow's native start-up lines (oneDNN, CUDA probing): off unless telemetry.verbose.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")
+
+
+def _train(config) -> int:
+    from job.errors import Preempted
+    from job.export import export
+    from job.train import train_and_evaluate
+
+    try:
+        if config.ray.enabled:
+            from job.launch import train_on_ray
+
+            summary = train_on_ray(config)
+        else:
+            summary = train_and_evaluate(config)
+            if summary["chief"]:  # the other workers of a multi-worker run write no shared files
+                export(config, config.workdir)
+    except Preempted as stop:
+        print(str(stop), file=sys.stderr)
+        return 0
+    print(json.dumps({k: summary[k] for k in ("status", "step", "wall_seconds", "final_val_accuracy")}))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from job.config import load_config
 
@@ -147,17 +178,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "tensorboard":
         from job.follow import follow
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        _configure_logging(verbose=False)
         return follow(args.workdir, args.host, args.port, args.every)
 
     config = load_config(args.config, args.overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # TFDS logs every dataset it opens (and warns about every version folder it probes),
-    # tf.distribute every reduction it plans.
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    logging.getLogger("tensorflow").setLevel(logging.WARNING)
-    # TensorFlow's native start-up lines (oneDNN, CUDA probing): off unless telemetry.verbose.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if config.telemetry.verbose else "2")
+    _configure_logging(config.telemetry.verbose)
     from job.errors import WorkdirError
     from job.preflight import check_inputs, workdir_problem
 
@@ -174,25 +199,11 @@ def _run(args: argparse.Namespace) -> int:
 
         tf.config.list_physical_devices()  # CUDA probing prints here
     # Heavy imports after validation: bad input is reported in a fraction of a second.
-    from job.errors import Preempted
-    from job.export import evaluate, export
-    from job.train import train_and_evaluate
-
     if args.command == "train":
-        try:
-            if config.ray.enabled:
-                from job.launch import train_on_ray
+        return _train(config)
+    from job.export import evaluate, export
 
-                summary = train_on_ray(config)
-            else:
-                summary = train_and_evaluate(config)
-                if summary["chief"]:  # the other workers of a multi-worker run write no shared files
-                    export(config, config.workdir)
-        except Preempted as stop:
-            print(str(stop), file=sys.stderr)
-            return 0
-        print(json.dumps({k: summary[k] for k in ("status", "step", "wall_seconds", "final_val_accuracy")}))
-    elif args.command == "benchmark":
+    if args.command == "benchmark":
         from job.benchmark import Budget, benchmark, format_table
 
         phases = ["head", "finetune"] if args.phase == "all" else [args.phase]
@@ -204,6 +215,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         print(json.dumps(evaluate(config, config.workdir, config.data.eval_split)))
     return 0
+
 
 if __name__ == "__main__":
     try:

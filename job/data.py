@@ -143,8 +143,8 @@ def dataset_info(data: DataConfig, splits: list[str], prepare: bool = True) -> O
     check is left to the real run.
     """
     if data.image_dir:
-        names, sizes = image_folder.info(data.image_dir, splits, validate=prepare)
-        return DatasetInfo(len(names), (None, None, 3), sizes, names)
+        names, sizes, shape = image_folder.info(data.image_dir, splits, validate=prepare)
+        return DatasetInfo(len(names), shape, sizes, names)
     builder = _builder(data, prepare)
     if builder is None:
         return None
@@ -225,7 +225,8 @@ def load_images(data: DataConfig, split: str, input_context: Optional[tf.distrib
     """(uint8 image, int32 label) pairs of this worker's shard of `split`, cached: at their own
     size, or resized once to `cache_size` (images larger than the model input or of varying size)."""
     if data.image_dir:
-        ds, source, version, shape = image_folder.dataset(data.image_dir, split, input_context), data.image_dir, "folder", (None, None, 3)
+        ds, source, version = image_folder.dataset(data.image_dir, split, input_context), data.image_dir, "folder"
+        shape = image_folder.scan(data.image_dir).shape
     else:
         builder = _builder(data)
         image_key, label_key = _keys(builder)

@@ -2,7 +2,8 @@
 
 Layout, as TFDS's ImageFolder reads it: PATH/<split>/<class>/<image>, e.g. PATH/train/cat/1.jpg.
 Splits may be sliced like TFDS splits (`train[:90%]`, `train[90%:]`): the files of a split,
-in sorted order, are cut by the same rules. JPEG, PNG, GIF (first frame) and BMP, in any
+in a fixed order that mixes the classes (by a hash of each file's path under the folder), are
+cut by the same rules, so `train[90%:]` holds every class and not the last class folders. JPEG, PNG, GIF (first frame) and BMP, in any
 mode (RGB, grayscale, with alpha, palette): each becomes 3-channel RGB. Files that do not
 decode are left out, counted, and named in the log, rather than failing an epoch halfway.
 Classes are the sorted folder names of all splits, so a class's index is the same in every split.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 import os
 import types
@@ -30,23 +32,31 @@ SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 class Folder:
     root: str
     classes: tuple  # sorted class names
-    files: dict  # split -> [(path, class index)], sorted by path
+    files: dict  # split -> [(path, class index)], in mixed order (see _mixed_order)
     unreadable: tuple  # paths that do not decode
+    shape: tuple = (None, None, 3)  # (height, width, 3) when every image has that size, as decoded
 
 
 def _split_dirs(root: str) -> list[str]:
     return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
 
 
-def _readable(path: str) -> bool:
+def _decoded_size(path: str) -> Optional[tuple]:
+    """(width, height) of an image file that decodes, else None."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
             image.load()  # decodes it all: a truncated file fails here, not in the middle of an epoch
-        return True
+            return image.size
     except Exception:  # noqa: BLE001 - any decoding failure means "skip it"
-        return False
+        return None
+
+
+def _mixed_order(root: str, pairs: list) -> list:
+    """Sorted by a hash of the path under `root`: the classes interleave, so any slice of a split
+    holds every class; the order does not depend on the listing order or on where the folder is."""
+    return sorted(pairs, key=lambda pair: hashlib.sha1(os.path.relpath(pair[0], root).encode()).hexdigest())
 
 
 @functools.lru_cache(maxsize=8)
@@ -63,7 +73,7 @@ def scan(root: str, validate: bool = True) -> Folder:
     if len(classes) < 2:
         raise DataError(f"{setting}: one class ({classes[0]}); a classifier needs at least two class folders")
     index = {name: i for i, name in enumerate(classes)}
-    files, unreadable = {}, []
+    files, unreadable, sizes = {}, [], set()
     for split in splits:
         found = []
         for name in _split_dirs(os.path.join(root, split)):
@@ -71,16 +81,24 @@ def scan(root: str, validate: bool = True) -> Folder:
             for file in sorted(os.listdir(folder)):
                 path = os.path.join(folder, file)
                 if file.lower().endswith(SUFFIXES) and os.path.isfile(path):
-                    if validate and not _readable(path):
+                    size = _decoded_size(path) if validate else None
+                    if validate and size is None:
                         unreadable.append(path)
                         continue
+                    sizes.add(size)
                     found.append((path, index[name]))
-        files[split] = sorted(found)
+        files[split] = _mixed_order(root, found)
     if validate and unreadable:
         log.warning("data.image_dir: %d file(s) do not decode and are left out: %s", len(unreadable), ", ".join(unreadable))
     if not any(files.values()):
         raise DataError(f"{setting}: no {'/'.join(SUFFIXES)} images under {root}/<split>/<class>/")
-    return Folder(root, tuple(classes), files, tuple(unreadable))
+    # One size for every image (CIFAR-10 exported as PNG files, say): cached and augmented at
+    # that size like the TFDS set; otherwise resized once for the cache (job.data.cache_size).
+    shape = (None, None, 3)
+    if validate and len(sizes) == 1:
+        width, height = next(iter(sizes))
+        shape = (height, width, 3)
+    return Folder(root, tuple(classes), files, tuple(unreadable), shape)
 
 
 def split_files(folder: Folder, split: str) -> list[tuple[str, int]]:
@@ -99,24 +117,26 @@ def split_files(folder: Folder, split: str) -> list[tuple[str, int]]:
     return chosen
 
 
-def info(root: str, splits: list[str], validate: bool = True) -> tuple[tuple, dict]:
-    """(class names, {split: size}) of the folder."""
+def info(root: str, splits: list[str], validate: bool = True) -> tuple[tuple, dict, tuple]:
+    """(class names, {split: size}, image shape) of the folder; the shape has None for a size
+    that varies (or is unknown without `validate`)."""
     folder = scan(root, validate)
-    return folder.classes, {split: len(split_files(folder, split)) for split in splits}
+    return folder.classes, {split: len(split_files(folder, split)) for split in splits}, folder.shape
 
 
 def dataset(root: str, split: str, input_context: Optional[object] = None):
     """(uint8 RGB image of its own size, int32 label) pairs of this worker's shard of `split`."""
     import tensorflow as tf
 
-    pairs = split_files(scan(root), split)
+    folder = scan(root)
+    pairs = split_files(folder, split)
     ds = tf.data.Dataset.from_tensor_slices(([p for p, _ in pairs], [label for _, label in pairs]))
     if input_context is not None and input_context.num_input_pipelines > 1:
         ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
 
     def decode(path, label):
         image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        return tf.ensure_shape(image, [None, None, 3]), tf.cast(label, tf.int32)
+        return tf.ensure_shape(image, folder.shape), tf.cast(label, tf.int32)
 
     # A file PIL decoded but TensorFlow cannot is skipped here too (with TensorFlow's warning).
     return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)

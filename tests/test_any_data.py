@@ -152,3 +152,25 @@ def test_a_folder_that_cannot_be_a_dataset_is_one_line(case, expected, tmp_path,
     line = result.stderr.strip()
     assert "\n" not in line and line.startswith("error: ") and expected in line, line
     assert not (tmp_path / "run").exists()
+
+
+def test_a_sliced_folder_split_holds_every_class_and_keeps_a_common_image_size(tmp_path):
+    """Files sorted by path put whole classes at the end: `train[90%:]` would hold only the last
+    class folders and validation would score classes never trained on. A folder of same-size
+    images is read at that size, as its TFDS counterpart is (no resize for the cache)."""
+    from job import image_folder
+
+    rng = np.random.default_rng(0)
+    for c in range(5):
+        for i in range(20):
+            _write(tmp_path / "train" / f"class{c}" / f"{i:03d}.png", rng.integers(0, 255, (32, 32, 3), np.uint8),
+                   "PNG", "RGB")
+    folder = image_folder.scan(str(tmp_path))
+    for split in ("train[90%:]", "train[:10%]"):
+        assert {label for _, label in image_folder.split_files(folder, split)} == set(range(5)), split
+    assert folder.shape == (32, 32, 3)
+    config = load_config(None, [f"data.image_dir={tmp_path}", "data.name=five", "model.image_size=32"])
+    info = data_lib.dataset_info(config.data, ["train[:90%]"])
+    assert info.image_shape == (32, 32, 3) and data_lib.cache_size(config.data, info.image_shape, 32) is None
+    image, _ = next(iter(data_lib.load_images(config.data, "train[:90%]", image_size=32)))
+    assert image.shape == (32, 32, 3)
