@@ -225,7 +225,8 @@ def load_images(data: DataConfig, split: str, input_context: Optional[tf.distrib
     """(uint8 image, int32 label) pairs of this worker's shard of `split`, cached: at their own
     size, or resized once to `cache_size` (images larger than the model input or of varying size)."""
     if data.image_dir:
-        ds, source, version = image_folder.dataset(data.image_dir, split, input_context), data.image_dir, "folder"
+        ds, source = image_folder.dataset(data.image_dir, split, input_context), data.image_dir
+        version = f"folder{image_folder.fingerprint(data.image_dir, split)}"
         shape = image_folder.scan(data.image_dir).shape
     else:
         builder = _builder(data)

@@ -124,6 +124,13 @@ def info(root: str, splits: list[str], validate: bool = True) -> tuple[tuple, di
     return folder.classes, {split: len(split_files(folder, split)) for split in splits}, folder.shape
 
 
+def fingerprint(root: str, split: str) -> str:
+    """What a split of the folder holds, in its order: part of a file cache's name, so that a
+    cache written before files were added, removed or reordered is not read back."""
+    paths = "\n".join(os.path.relpath(path, root) for path, _ in split_files(scan(root), split))
+    return hashlib.sha1(paths.encode()).hexdigest()[:10]
+
+
 def dataset(root: str, split: str, input_context: Optional[object] = None):
     """(uint8 RGB image of its own size, int32 label) pairs of this worker's shard of `split`."""
     import tensorflow as tf

@@ -174,3 +174,17 @@ def test_a_sliced_folder_split_holds_every_class_and_keeps_a_common_image_size(t
     assert info.image_shape == (32, 32, 3) and data_lib.cache_size(config.data, info.image_shape, 32) is None
     image, _ = next(iter(data_lib.load_images(config.data, "train[:90%]", image_size=32)))
     assert image.shape == (32, 32, 3)
+
+
+def test_a_folder_cache_file_changes_name_when_the_split_changes(tmp_path):
+    """A file cache is read back whatever it holds: adding an image must give a new name."""
+    from job import image_folder
+
+    rng = np.random.default_rng(1)
+    for c in range(2):
+        for i in range(4):
+            _write(tmp_path / "train" / f"c{c}" / f"{i}.png", rng.integers(0, 255, (8, 8, 3), np.uint8), "PNG", "RGB")
+    before = image_folder.fingerprint(str(tmp_path), "train")
+    _write(tmp_path / "train" / "c1" / "9.png", rng.integers(0, 255, (8, 8, 3), np.uint8), "PNG", "RGB")
+    image_folder.scan.cache_clear()
+    assert image_folder.fingerprint(str(tmp_path), "train") != before
