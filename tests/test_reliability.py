@@ -435,12 +435,17 @@ def test_resumed_pipeline_sees_the_same_batches(real_env):
 # --- 7: changed settings on resume ---------------------------------------------------------------
 
 
-@pytest.mark.real_data
-def test_a_rerun_that_changes_what_a_step_means_is_refused(killed_run, offline, tmp_path):
+def _copy_of_killed_run(killed_run, tmp_path):
+    """(workdir holding a copy of the killed run, its overrides, its config.yaml text)."""
     source, overrides = killed_run
     workdir = tmp_path / "run"
     shutil.copytree(source, workdir)
-    before = (workdir / "config.yaml").read_text()
+    return workdir, overrides, (workdir / "config.yaml").read_text()
+
+
+@pytest.mark.real_data
+def test_a_rerun_that_changes_what_a_step_means_is_refused(killed_run, offline, tmp_path):
+    workdir, overrides, before = _copy_of_killed_run(killed_run, tmp_path)
     result = run_job("train", CONFIG, *overrides, "train.batch_size=16", "data.train_split=train[:512]",
                      f"workdir={workdir}", env=offline)
     line = one_error_line(result)
@@ -453,10 +458,7 @@ def test_a_rerun_that_changes_what_a_step_means_is_refused(killed_run, offline, 
 
 @pytest.mark.real_data
 def test_a_rerun_with_safe_changes_resumes_and_keeps_the_old_config(killed_run, offline, tmp_path):
-    source, overrides = killed_run
-    workdir = tmp_path / "run"
-    shutil.copytree(source, workdir)
-    before = (workdir / "config.yaml").read_text()
+    workdir, overrides, before = _copy_of_killed_run(killed_run, tmp_path)
     result = run_job("train", CONFIG, *overrides, "train.head.learning_rate=0.002", "telemetry.log_every_steps=4",
                      f"workdir={workdir}", env=offline)
     assert result.returncode == 0, result.stderr[-4000:]
