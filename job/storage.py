@@ -257,21 +257,6 @@ class WorkdirLock:
             self._file = None
 
 
-def claim_workdir(workdir: str, chief: bool):
-    """Create the workdir and, on the chief, take its lock (held until the returned lock exits).
-
-    Called once settings, data and weights are known good, so bad input never leaves files behind.
-    """
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        lock = WorkdirLock(workdir) if chief else contextlib.nullcontext()
-        lock.__enter__()
-    except OSError as err:
-        raise WorkdirError(f"workdir={workdir!r}: cannot create or write it ({err.strerror}: {err.filename})") from None
-    return lock
-
-
-
 class RemoteLease:
     """Object stores have no flock: the run writes `<workdir>/.lock.json` (run id, host, pid)
     and rewrites it every HEARTBEAT_SECONDS while it lives; another run refuses the workdir
