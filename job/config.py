@@ -47,7 +47,7 @@ class DataConfig(_Section):
     # or inside the train step on the accelerator (the host then ships uint8 32x32 batches).
     resize_on: Literal["host", "device"] = "device"
     # Upscaling to model.image_size: the interpolation, then an unsharp mask of this amount
-    # over a sharpen_size box (0: none). Sharper inputs transfer better (job.preprocess.sharpen).
+    # over a sharpen_size box (0: none). Sharper inputs transfer better (job.preprocess.upscale).
     resize_method: Literal["bilinear", "bicubic", "lanczos3", "lanczos5", "nearest", "area"] = "bilinear"
     sharpen: float = Field(0.0, ge=0.0)
     sharpen_size: int = Field(5, ge=3, le=15)

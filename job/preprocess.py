@@ -25,30 +25,68 @@ def to_rgb(images):
     return images
 
 
-def sharpen(images, amount: float, size: int, low: float, high: float):
-    """Unsharp mask: images + amount * (images - their size x size box blur), clipped to [low, high].
+def resize_matrix(size_in, size_out: int, method: str):
+    """tf.image.resize along one axis as a (size_out, size_in) matrix: the resized basis vectors.
+
+    Every method of tf.image.resize without antialiasing resizes each axis independently and
+    linearly, so a whole resize is `rows @ image @ columns.T` (`size_in` may be a tensor).
+    """
+    basis = tf.eye(size_in)[:, :, None, None]  # size_in images of size_in x 1, one hot each
+    return tf.transpose(tf.image.resize(basis, (size_out, 1), method=method)[:, :, 0, 0])
+
+
+def box_blur_matrix(size: int, box: int):
+    """The box average of tf.nn.avg_pool2d(box, stride 1, "SAME") along one axis, as a matrix:
+    the box shrinks at the borders (padding is not counted), so each row sums to 1."""
+    index = tf.range(size)
+    band = tf.cast(tf.abs(index[:, None] - index[None, :]) <= box // 2, tf.float32)
+    return band / tf.reduce_sum(band, axis=1, keepdims=True)
+
+
+def _apply_per_axis(images, rows, columns):
+    """rows @ image @ columns.T for each image and channel of a (batch, h, w, c) float batch.
+
+    No transposes: `columns` multiplies each pixel row's (w, c) matrix, `rows` each image's
+    (h, W * c) one (1.3-1.9x faster than transposing channels first, on a 2-core CPU).
+    """
+    x = tf.matmul(columns, images)  # (batch, h, W, c)
+    shape = tf.shape(x)
+    x = tf.matmul(rows, tf.reshape(x, [shape[0], shape[1], -1]))  # (batch, H, W * c)
+    return tf.reshape(x, [shape[0], rows.shape[0], columns.shape[0], images.shape[-1]])
+
+
+def upscale(images, image_size: int, method: str, sharpen: float = 0.0, sharpen_size: int = 5):
+    """float images -> `image_size` square: resized with `method`, then an unsharp mask
+    `up + sharpen * (up - box_blur(up))` over a sharpen_size box, clipped to [0, 255].
 
     Upscaling a 32x32 image blurs it; ImageNet features expect sharp edges. Measured on
     CIFAR-10 at 96 px, frozen backbone, 5 head epochs on 10k images: bilinear 75.4%, bicubic
-    77.2%, bicubic + this (2.0, 5) 80.0%; at 128 px bilinear 81.4%, sharpened 84.7%.
+    77.2%, bicubic + unsharp mask (2.0, 5) 80.0%; at 128 px bilinear 81.4%, sharpened 84.7%.
+
+    Both steps are linear, so they run as small matrix products per axis, one clip at the end:
+    1.4-1.7x faster than tf.image.resize then avg_pool2d on a 2-core CPU (32 -> 128 px
+    bicubic, sharpened). Images already `image_size` pass unchanged (not sharpened).
     """
-    if amount == 0:
-        return images
-    blurred = tf.nn.avg_pool2d(images, size, 1, "SAME")  # the box shrinks at the borders (padding not counted)
-    return tf.clip_by_value(images + amount * (images - blurred), low, high)
+    height, width = tf.shape(images)[1], tf.shape(images)[2]
+    rows, columns = resize_matrix(height, image_size, method), resize_matrix(width, image_size, method)
+    up = _apply_per_axis(images, rows, columns)
+    if sharpen:
+        blur = box_blur_matrix(image_size, sharpen_size)
+        blurred = _apply_per_axis(images, blur @ rows, blur @ columns)
+        # A batch of unknown size at trace time (serving) may turn out to be image_size already.
+        amount = tf.where((height == image_size) & (width == image_size), 0.0, sharpen)
+        up = up + amount * (up - blurred)
+    return tf.clip_by_value(up, 0.0, 255.0)  # bicubic, lanczos and sharpening overshoot
 
 
 def to_model_input(images, image_size: int, dtype="float32", method: str = "bilinear", sharpen_amount: float = 0.0,
                    sharpen_size: int = 5):
     """A batch of uint8 images (any size, 1-4 channels) -> `image_size` square RGB in [-1, 1]:
-    upscaled with `method` (in float32: resizing uint8 rounds to whole pixel levels), then an
-    optional unsharp mask (`sharpen`)."""
+    upscaled with `method` and an optional unsharp mask (`upscale`), in float32: resizing
+    uint8 would round to whole pixel levels."""
     images = tf.cast(to_rgb(images), tf.float32)
     if images.shape[1] != image_size or images.shape[2] != image_size:
-        images = tf.image.resize(images, (image_size, image_size), method=method)
-        if method != "bilinear":  # bicubic and lanczos overshoot
-            images = tf.clip_by_value(images, 0.0, 255.0)
-        images = sharpen(images, sharpen_amount, sharpen_size, 0.0, 255.0)
+        images = upscale(images, image_size, method, sharpen_amount, sharpen_size)
     return tf.cast(images / 127.5 - 1.0, dtype)
 
 

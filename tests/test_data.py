@@ -49,6 +49,25 @@ def test_to_model_input_upscales_and_scales_to_unit_range():
     assert to_model_input(images, 96, tf.bfloat16).dtype == tf.bfloat16
 
 
+@pytest.mark.parametrize("method", ["bilinear", "bicubic", "lanczos3", "lanczos5", "nearest", "area"])
+def test_upscaling_by_matrices_equals_resize_then_unsharp_mask(method):
+    """The per-axis matrices must compute what tf.image.resize and a SAME box blur compute,
+    for known and unknown (serving) image sizes, up- and downscaling."""
+    images = tf.constant(np.random.default_rng(0).integers(0, 256, (2, 20, 27, 3)), tf.uint8)
+    serving = tf.function(lambda x: to_model_input(x, 48, method=method, sharpen_amount=2.0),
+                          input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+    for size in (48, 16):
+        up = tf.image.resize(tf.cast(images, tf.float32), (size, size), method=method)
+        sharpened = up + 2.0 * (up - tf.nn.avg_pool2d(up, 5, 1, "SAME"))
+        expected = tf.clip_by_value(sharpened, 0.0, 255.0) / 127.5 - 1.0
+        out = to_model_input(images, size, method=method, sharpen_amount=2.0)
+        np.testing.assert_allclose(out, expected, atol=1e-5)
+    np.testing.assert_allclose(serving(images), to_model_input(images, 48, method=method, sharpen_amount=2.0), atol=1e-5)
+    # An image already at the model's size passes unchanged, known size or not.
+    native = tf.constant(np.random.default_rng(1).integers(0, 256, (1, 48, 48, 3)), tf.uint8)
+    np.testing.assert_allclose(serving(native), tf.cast(native, tf.float32) / 127.5 - 1.0, atol=1e-5)
+
+
 @pytest.fixture
 def mock_cifar():
     with tfds.testing.mock_data(num_examples=48):
