@@ -206,7 +206,15 @@ def _resize_for_cache(image, size: int):
     return tf.cast(tf.clip_by_value(tf.round(square), 0, 255), tf.uint8)
 
 
-def cache_file(data: DataConfig, source: str, version: str, split: str, size: Optional[int], input_context=None) -> str:
+def shard_count(count: int, input_context: Optional[tf.distribute.InputContext] = None) -> int:
+    """How many of a split's first `count` examples one input pipeline reads: shards deal them round-robin."""
+    pipelines = input_context.num_input_pipelines if input_context else 1
+    index = input_context.input_pipeline_id if input_context else 0
+    return max(count - index + pipelines - 1, 0) // pipelines
+
+
+def cache_file(data: DataConfig, source: str, version: str, split: str, size: Optional[int], input_context=None,
+               first: Optional[int] = None) -> str:
     """The on-disk cache of one dataset, split, shard and preprocessing under data.cache.
 
     tf.data reads an existing cache file whatever pipeline it now sits in, so the name must
@@ -215,15 +223,16 @@ def cache_file(data: DataConfig, source: str, version: str, split: str, size: Op
     pipelines = input_context.num_input_pipelines if input_context else 1
     shard = f"shard{input_context.input_pipeline_id}of{pipelines}" if pipelines > 1 else "all"
     form = f"uint8-{size}px" if size else "uint8-native"
-    what = f"{data.name}-{version}-{split}-{shard}-{form}"
+    what = f"{data.name}-{version}-{split}{'' if first is None else f'-first{first}'}-{shard}-{form}"
     digest = hashlib.sha256(f"{source}|{what}".encode()).hexdigest()[:10]
     return os.path.join(data.cache, f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', what)}-{digest}")
 
 
 def load_images(data: DataConfig, split: str, input_context: Optional[tf.distribute.InputContext] = None,
-                image_size: Optional[int] = None):
-    """(uint8 image, int32 label) pairs of this worker's shard of `split`, cached: at their own
-    size, or resized once to `cache_size` (images larger than the model input or of varying size)."""
+                image_size: Optional[int] = None, first: Optional[int] = None):
+    """(uint8 image, int32 label) pairs of this worker's shard of `split` (of its `first` examples
+    only, if given), cached: at their own size, or resized once to `cache_size` (images larger
+    than the model input or of varying size)."""
     if data.image_dir:
         ds, source = image_folder.dataset(data.image_dir, split, input_context), data.image_dir
         version = f"folder{image_folder.fingerprint(data.image_dir, split)}"
@@ -236,6 +245,8 @@ def load_images(data: DataConfig, split: str, input_context: Optional[tf.distrib
             ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
         ds = ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32)), num_parallel_calls=AUTOTUNE)
         source, version, shape = builder.data_dir, str(builder.version), tuple(builder.info.features[image_key].shape)
+    if first is not None:  # before decoding and caching: the rest is never read
+        ds = ds.take(shard_count(first, input_context))
     size = cache_size(data, shape, image_size) if image_size else None
     if size:
         ds = ds.map(lambda image, label: (_resize_for_cache(image, size), label), num_parallel_calls=AUTOTUNE)
@@ -243,7 +254,7 @@ def load_images(data: DataConfig, split: str, input_context: Optional[tf.distrib
         ds = ds.cache()
     elif data.cache != "none":
         os.makedirs(data.cache, exist_ok=True)
-        ds = ds.cache(cache_file(data, source, version, split, size, input_context))
+        ds = ds.cache(cache_file(data, source, version, split, size, input_context, first))
     return ds
 
 
@@ -308,17 +319,19 @@ def train_dataset(
     skip_batches: int = 0,
     input_context: Optional[tf.distribute.InputContext] = None,
     augment_mode: Optional[str] = None,
+    first: Optional[int] = None,
 ):
     """Endless shuffled, augmented batches of `batch_size` for one input pipeline.
 
     With data.resize_on == "device" the batches stay uint8 at native size; the train
     step resizes them. `skip_batches` fast-forwards a resumed run past seen batches.
-    `augment_mode` overrides data.augment (phases may augment differently).
+    `augment_mode` overrides data.augment (phases may augment differently); `first` limits
+    the split to its first examples (a phase's subset).
     """
     augment_mode = augment_mode or data.augment
     if augment_mode == "auto":
         augment_mode = resolve_augment(augment_mode, dataset_info(data, []).image_shape, image_size)
-    ds = load_images(data, split, input_context, image_size)
+    ds = load_images(data, split, input_context, image_size, first)
     ds = ds.shuffle(data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
     ds = ds.batch(batch_size, drop_remainder=True)
     if skip_batches:
@@ -342,9 +355,11 @@ def eval_dataset(
     batch_size: int,
     image_size: int,
     input_context: Optional[tf.distribute.InputContext] = None,
+    first: Optional[int] = None,
 ):
-    """One ordered pass over `split`, last batch partial, prepared like training batches."""
-    ds = load_images(data, split, input_context, image_size).batch(batch_size)
+    """One ordered pass over `split` (its `first` examples, if given), last batch partial,
+    prepared like training batches."""
+    ds = load_images(data, split, input_context, image_size, first).batch(batch_size)
     if data.resize_on == "host":
         prepare = model_input_fn(data, image_size)
         ds = ds.map(lambda images, labels: (prepare(images), labels), num_parallel_calls=AUTOTUNE)

@@ -28,19 +28,21 @@ FEATURE_EVAL_BATCH = 1024
 
 
 class Extractor:
-    """compute(preprocess(images)) over this worker's shard of a split, in float32, with the labels."""
+    """compute(preprocess(images)) over this worker's shard of a split (of its `first` examples,
+    if given), in float32, with the labels."""
 
     def __init__(self, strategy, compute: Callable, preprocess: Callable):
         self.strategy, self.compute, self.preprocess = strategy, compute, preprocess
         self._traced = {}
 
-    def __call__(self, data: DataConfig, split: str, image_size: int, global_batch: int, mirrored: bool = False):
+    def __call__(self, data: DataConfig, split: str, image_size: int, global_batch: int, mirrored: bool = False,
+                 first: Optional[int] = None):
         replicas = self.strategy.num_replicas_in_sync
         # Batches larger than training's are cheap in memory here and amortise per-call
         # overhead; a multiple of the replica count so every replica gets the same share.
         batch = replicas * max(global_batch // replicas, EXTRACT_BATCH // replicas, 1)
         dataset = self.strategy.distribute_datasets_from_function(
-            lambda ctx: data_lib.eval_dataset(data, split, ctx.get_per_replica_batch_size(batch), image_size, ctx))
+            lambda ctx: data_lib.eval_dataset(data, split, ctx.get_per_replica_batch_size(batch), image_size, ctx, first))
         step = self._traced.get(mirrored)
         if step is None:
             def replica_step(images, labels):

@@ -48,6 +48,7 @@ class Phase:
     config: PhaseConfig
     first_step: int  # global step at which the phase starts
     steps: int
+    steps_per_epoch: int  # of the phase's share of the train split (its config.subset)
 
     @property
     def end(self) -> int:

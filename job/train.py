@@ -64,14 +64,26 @@ def weights_digest(model: keras.Model) -> str:
     return digest.hexdigest()
 
 
-def plan_phases(config: Config, steps_per_epoch: int) -> list[Phase]:
+def plan_phases(config: Config, train_size: int, global_batch: int) -> list[Phase]:
+    """The two phases in global steps: epochs of each phase's share (its subset) of `train_size` examples."""
     phases, first = [], 0
     for name in ("head", "finetune"):
         phase_config = getattr(config.train, name)
+        examples = subset_examples(train_size, phase_config.subset)
+        steps_per_epoch = examples // global_batch
+        if steps_per_epoch == 0:
+            share = "" if phase_config.subset == 1 else f" x train.{name}.subset={phase_config.subset}"
+            raise ConfigError(f"train.batch_size={global_batch}: larger than data.train_split{share} "
+                              f"{config.data.train_split!r} ({examples} examples)")
         steps = int(round(phase_config.epochs * steps_per_epoch))
-        phases.append(Phase(name, phase_config, first, steps))
+        phases.append(Phase(name, phase_config, first, steps, steps_per_epoch))
         first += steps
     return phases
+
+
+def subset_examples(count: int, subset: float) -> int:
+    """How many of `count` examples a phase with this subset setting trains on: its first ones."""
+    return count if subset == 1 else max(1, int(count * subset))
 
 
 class Run:
@@ -92,12 +104,7 @@ class Run:
 
         data = config.data
         self.info = data_lib.dataset_info(data, [data.train_split] + ([data.val_split] if data.val_split else []))
-        train_size = self.info.split_sizes[data.train_split]
-        self.steps_per_epoch = train_size // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"train.batch_size={self.global_batch}: larger than data.train_split "
-                              f"{data.train_split!r} ({train_size} examples)")
-        self.phases = plan_phases(config, self.steps_per_epoch)
+        self.phases = plan_phases(config, self.info.split_sizes[data.train_split], self.global_batch)
 
         # Same initial head (and, with weights=none, backbone) on every run and worker.
         keras.utils.set_random_seed(config.train.seed)
@@ -108,7 +115,7 @@ class Run:
                                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             self.optimizers = {}
             for phase in self.phases:
-                optimizer = make_optimizer(phase, self.steps_per_epoch, lr_scale, config.train.precision)
+                optimizer = make_optimizer(phase, phase.steps_per_epoch, lr_scale, config.train.precision)
                 # Built now so a restore fills its slots immediately rather than lazily.
                 optimizer.build(self.trainable(phase))
                 self.optimizers[phase.name] = optimizer
@@ -217,16 +224,23 @@ class Run:
             return self._cached_datasets(self._features, phase, phase_step, features_lib.FEATURE_EVAL_BATCH)
         if self.use_frozen_cache(phase):
             return self._cached_datasets(self._activations, phase, phase_step, features_lib.EXTRACT_BATCH)
-        augment = self.augment(phase)
+        augment, first = self.augment(phase), self._first_examples(phase)
         train_data = self.distribute(lambda b, ctx: data_lib.train_dataset(
-            d, d.train_split, b, m.image_size, seed, self._skip_batches(phase_step, ctx), ctx, augment))
+            d, d.train_split, b, m.image_size, seed, self._skip_batches(phase_step, ctx), ctx, augment, first))
         val_data = self.distribute(
             lambda b, ctx: data_lib.eval_dataset(d, d.val_split, b, m.image_size, ctx)) if d.val_split else None
         return train_data, val_data
 
+    def _first_examples(self, phase: Phase) -> Optional[int]:
+        """The phase's share of the train split as a count of its first examples; None: all of it."""
+        if phase.config.subset == 1:
+            return None
+        return subset_examples(self.info.split_sizes[self.config.data.train_split], phase.config.subset)
+
     # --- cached outputs of the frozen parts --------------------------------------------
-    def _activations(self, split: str, mirrored: bool = False):
-        """Activations of the frozen bottom at the fine-tune cut for this worker's shard, computed once."""
+    def _activations(self, split: str, mirrored: bool = False, subset: float = 1.0):
+        """Activations of the frozen bottom at the fine-tune cut for this worker's shard (its
+        first `subset` share), computed once for the whole shard."""
         key = (split, mirrored)
         if key not in self._cache:
             started = time.perf_counter()
@@ -235,17 +249,22 @@ class Run:
             log.info("activations at %s of %d images of %s%s in %.1fs", self.split.first_trainable,
                      int(self._cache[key][1].shape[0]), split, " (mirrored)" if mirrored else "",
                      time.perf_counter() - started)
-        return self._cache[key]
+        activations, labels = self._cache[key]
+        count = subset_examples(int(labels.shape[0]), subset)
+        return (activations, labels) if subset == 1 else (activations[:count], labels[:count])
 
-    def _features(self, split: str, mirrored: bool = False):
-        """Pooled backbone features of this worker's shard: from the cached bottom activations
-        when the fine-tune phase caches them, else from images."""
+    def _features(self, split: str, mirrored: bool = False, subset: float = 1.0):
+        """Pooled backbone features of this worker's shard (its first `subset` share): from the
+        cached bottom activations when the fine-tune phase caches them, else from images."""
         started = time.perf_counter()
         if self.split is None:
             d = self.config.data
-            features, labels = self._extract_features(d, split, self.config.model.image_size, self.global_batch, mirrored)
+            first = None if subset == 1 else subset_examples(self.info.split_sizes[split], subset)
+            features, labels = self._extract_features(d, split, self.config.model.image_size, self.global_batch,
+                                                      mirrored, first)
         else:
-            activations, labels = self._activations(split, mirrored)
+            activations, labels = self._activations(split, mirrored, subset)
+            started = time.perf_counter()  # the activations' time is logged on its own
             features = features_lib.in_batches(self._top_features, activations)
         log.info("backbone features of %d images of %s%s in %.1fs", int(labels.shape[0]), split,
                  " (mirrored)" if mirrored else "", time.perf_counter() - started)
@@ -253,9 +272,9 @@ class Run:
 
     def _cached_datasets(self, cache, phase: Phase, phase_step: int, eval_batch: int):
         """(train, val) over cached per-image tensors, `cache(split, mirrored) -> (tensors, labels)`."""
-        d, seed = self.config.data, self.config.train.seed
-        inputs, labels = cache(d.train_split)
-        mirrored = cache(d.train_split, mirrored=True)[0] if self.augment(phase) == "flip" else None
+        d, seed, subset = self.config.data, self.config.train.seed, phase.config.subset
+        inputs, labels = cache(d.train_split, subset=subset)
+        mirrored = cache(d.train_split, mirrored=True, subset=subset)[0] if self.augment(phase) == "flip" else None
         train = self.distribute(lambda b, ctx: features_lib.train_dataset(
             inputs, labels, b, d.shuffle_buffer, seed, self._skip_batches(phase_step, ctx), mirrored))
         if not d.val_split:
@@ -323,12 +342,12 @@ class Trainer:
         profiled = self.profile_run if tel.profile_phase == phase.name else None
         window = tel.profile_steps if tel.profile_phase == phase.name else None
         profiler = ProfilerWindow(profiled and self.workdir.path(profiled), window)
-        log_every, eval_every = Every(tel.log_every_steps), Every(max(1, round(tel.eval_every_epochs * run.steps_per_epoch)))
+        log_every, eval_every = Every(tel.log_every_steps), Every(max(1, round(tel.eval_every_epochs * phase.steps_per_epoch)))
         save_every = Every(run.config.checkpoint.every_steps, origin=-phase.first_step)  # global steps
         per_call, window = run.steps_per_call(phase), TrainWindow()
         bar = Progress(phase.name, phase.steps, position, run.chief and tel.progress_bar, tel.progress_every_s)
         log.info("phase %s: steps %d..%d (%d per epoch), global batch %d, %d replicas, %s%s", phase.name, position,
-                 phase.steps, run.steps_per_epoch, run.global_batch, run.replicas,
+                 phase.steps, phase.steps_per_epoch, run.global_batch, run.replicas,
                  "cached features" if cached else (
                      f"cached activations at {run.split.first_trainable} ({run.config.model.image_size}px)"
                      if run.use_frozen_cache(phase) else f"images at {run.config.model.image_size}px"),
@@ -433,7 +452,7 @@ class Trainer:
     def _record_validation(self, phase: Phase, metrics: dict) -> None:
         run, step = self.run, self.run.global_step
         elapsed = time.time() - COMMAND_START
-        row = {"phase": phase.name, "step": step, "epoch": round((step - phase.first_step) / run.steps_per_epoch, 3),
+        row = {"phase": phase.name, "step": step, "epoch": round((step - phase.first_step) / phase.steps_per_epoch, 3),
                "val_accuracy": metrics["accuracy"], "val_loss": metrics["loss"],
                "wall_seconds": round(elapsed, 1), "images_seen": step * run.global_batch}
         self.scalars.write("validation", step, {f"{phase.name}/accuracy": metrics["accuracy"],

@@ -90,6 +90,17 @@ def test_skipping_batches_resumes_the_same_stream(mock_cifar):
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_subset_is_the_splits_first_examples_however_it_is_sharded(mock_cifar):
+    def labels_of(pipeline, first, pipelines=1):
+        context = tf.distribute.InputContext(num_input_pipelines=pipelines, input_pipeline_id=pipeline)
+        return [int(y) for _, y in data_lib.load_images(mock_cifar, "train", context, first=first)]
+
+    full = labels_of(0, None)
+    assert labels_of(0, 11) == full[:11]
+    assert sorted(labels_of(0, 11, 2) + labels_of(1, 11, 2)) == sorted(full[:11])
+    assert (len(labels_of(0, 11, 2)), len(labels_of(1, 11, 2))) == (6, 5)
+
+
 def test_each_input_pipeline_gets_a_disjoint_shard(mock_cifar):
     def labels_of(pipeline):
         context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline, num_replicas_in_sync=2)

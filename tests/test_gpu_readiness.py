@@ -27,7 +27,7 @@ def test_the_gpu_recipe_scales_its_learning_rate_with_the_square_root_of_the_bat
     config = load_config(str(REPO / "configs" / "cifar10_full.yaml"))
     batch = global_batch_size(config.train, replicas)
     steps_per_epoch = CIFAR_TRAIN // batch
-    phase = Phase("finetune", config.train.finetune, 0, int(config.train.finetune.epochs * steps_per_epoch))
+    phase = Phase("finetune", config.train.finetune, 0, int(config.train.finetune.epochs * steps_per_epoch), steps_per_epoch)
     optimizer = make_optimizer(phase, steps_per_epoch, learning_rate_scale(config.train, batch), "float32")
     schedule = optimizer.inner_optimizer._learning_rate if hasattr(optimizer, "inner_optimizer") else optimizer._learning_rate
     assert batch == 64 * replicas

@@ -38,10 +38,13 @@ def _weights(workdir, checkpoint=None, alpha=0.35):
     return {v.path: v.numpy() for v in model.classifier.weights}
 
 
-def test_phases_split_steps_by_epochs():
+def test_phases_split_steps_by_epochs_of_their_share_of_the_split():
     config = load_config(None, ["train.head.epochs=1.5", "train.finetune.epochs=0"])
-    head, finetune = plan_phases(config, steps_per_epoch=10)
+    head, finetune = plan_phases(config, train_size=640, global_batch=64)
     assert (head.first_step, head.steps, finetune.first_step, finetune.steps) == (0, 15, 15, 0)
+    config = load_config(None, ["train.head.epochs=2", "train.head.subset=0.25", "train.finetune.epochs=1"])
+    head, finetune = plan_phases(config, train_size=640, global_batch=64)
+    assert (head.steps_per_epoch, head.steps, finetune.first_step, finetune.steps) == (2, 4, 4, 10)
 
 
 def test_two_phases_run_to_the_planned_step(tmp_path):
@@ -67,14 +70,16 @@ def test_head_phase_leaves_the_backbone_untouched(tmp_path):
 def test_finetune_on_cached_frozen_activations_matches_training_on_images(tmp_path):
     """cache_frozen changes where the frozen bottom runs, not the numbers: same flips (from the
     mirrored images' activations), same flip test-time augmentation, same sharpened upscaling,
-    same weights."""
-    common = [*FAST, "train.finetune.unfreeze=100", "data.augment=flip", "train.head.augment=none",
+    the same first half of the images for the head (train.head.subset), same weights."""
+    common = [*FAST, "train.finetune.unfreeze=100", "data.augment=flip", "train.head.augment=none", "train.head.subset=0.5",
               "model.flip_tta=true", "data.resize_method=bicubic", "data.sharpen=2.0", "model.image_size=48"]
     summaries = {}
     for cache in (True, False):
         config = load_config(None, [f"workdir={tmp_path / str(cache)}", *common, f"train.finetune.cache_frozen={cache}"])
         with tfds.testing.mock_data(num_examples=32):
             summaries[cache] = train_and_evaluate(config)
+    # 16 of the 32 images, 8 a batch: 2 head steps, then 4 fine-tune steps over all of them.
+    assert summaries[True]["total_steps"] == summaries[False]["total_steps"] == 6
     cached, plain = ([(r["val_accuracy"], r["val_loss"]) for r in summaries[c]["validation_history"]] for c in (True, False))
     np.testing.assert_allclose(cached, plain, rtol=1e-4)
     cached, plain = _weights(tmp_path / "True"), _weights(tmp_path / "False")
