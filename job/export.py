@@ -51,10 +51,28 @@ class ToModelInput(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="job")
 class MirrorImage(keras.layers.Layer):
-    """Left-right mirror of an NHWC batch (flip test-time augmentation)."""
+    """Left-right mirror of an NHWC batch. Unused since WithMirrorImages; kept registered so
+    model.keras files exported before (their TTA mirrored in a second branch) still load."""
 
     def call(self, images):
         return keras.ops.flip(images, axis=2)
+
+
+@keras.saving.register_keras_serializable(package="job")
+class WithMirrorImages(keras.layers.Layer):
+    """A batch of n images -> 2n: the images, then their mirror images (one forward pass for both)."""
+
+    def call(self, images):
+        return keras.ops.concatenate([images, keras.ops.flip(images, axis=2)], axis=0)
+
+
+@keras.saving.register_keras_serializable(package="job")
+class MeanOfHalves(keras.layers.Layer):
+    """2n rows -> n: the mean of row i and row n + i (an image's and its mirror image's probabilities)."""
+
+    def call(self, rows):
+        plain, mirrored = keras.ops.split(rows, 2, axis=0)
+        return (plain + mirrored) / 2
 
 
 def serving_model(model: TransferModel, config: Config, channels: int = 3) -> keras.Model:
@@ -69,13 +87,15 @@ def serving_model(model: TransferModel, config: Config, channels: int = 3) -> ke
     d = config.data
     raw = keras.Input((None, None, channels), dtype="uint8", name="raw_image")
     x = ToModelInput(config.model.image_size, d.resize_method, d.sharpen, d.sharpen_size, name="to_model_input")(raw)
-    softmax = keras.layers.Softmax(dtype="float32", name="probabilities")
+    if config.model.flip_tta:
+        # One batch of the images and their mirror images: one forward pass in the graph (the
+        # SavedModel traces and writes the classifier once) and larger matmuls at serving.
+        x = WithMirrorImages(name="with_mirror_images")(x)
     # training=False recorded in the graph: otherwise a caller's default training=None lets the
     # nested head resolve dropout as active (seen with Keras 3.15: two calls, two answers).
-    probabilities = softmax(model.classifier(x, training=False))
+    probabilities = keras.layers.Softmax(dtype="float32", name="probabilities")(model.classifier(x, training=False))
     if config.model.flip_tta:
-        mirrored = softmax(model.classifier(MirrorImage(name="mirror")(x), training=False))
-        probabilities = keras.layers.Average(name="flip_tta")([probabilities, mirrored])
+        probabilities = MeanOfHalves(name="flip_tta")(probabilities)
     return keras.Model(raw, probabilities, name="serving")
 
 
