@@ -71,9 +71,12 @@ def plan_phases(config: Config, train_size: int, global_batch: int) -> list[Phas
         phase_config = getattr(config.train, name)
         examples = subset_examples(train_size, phase_config.subset)
         steps_per_epoch = examples // global_batch
+        if steps_per_epoch == 0 and phase_config.subset < 1:
+            raise ConfigError(f"train.{name}.subset={phase_config.subset}: {examples} of the {train_size} examples "
+                              f"of data.train_split {config.data.train_split!r}, fewer than a global batch "
+                              f"({global_batch}); allowed: a share of at least {global_batch / train_size:.3g}")
         if steps_per_epoch == 0:
-            share = "" if phase_config.subset == 1 else f" x train.{name}.subset={phase_config.subset}"
-            raise ConfigError(f"train.batch_size={global_batch}: larger than data.train_split{share} "
+            raise ConfigError(f"train.batch_size={global_batch}: larger than data.train_split "
                               f"{config.data.train_split!r} ({examples} examples)")
         steps = int(round(phase_config.epochs * steps_per_epoch))
         phases.append(Phase(name, phase_config, first, steps, steps_per_epoch))

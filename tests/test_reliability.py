@@ -114,6 +114,7 @@ BAD_CONFIG = {
     "batch_not_divisible": (["train.strategy=mirrored", "train.cpu_devices=2", "train.batch_size=33"],
                             ["train.batch_size=33", "divisible by the 2 replicas"]),
     "batch_larger_than_split": (["train.batch_size=512"], ["train.batch_size=512", "larger than data.train_split"]),
+    "subset_below_a_batch": (["train.head.subset=0.01"], ["train.head.subset=0.01", "fewer than a global batch"]),
     "yaml_syntax_error": (["<bad.yaml>"], ["bad.yaml", "line 2", "invalid YAML"]),
     "missing_config_file": (["<missing.yaml>"], ["missing.yaml", "does not exist"]),
 }
