@@ -227,18 +227,16 @@ class Run:
             return self._cached_datasets(self._features, phase, phase_step, features_lib.FEATURE_EVAL_BATCH)
         if self.use_frozen_cache(phase):
             return self._cached_datasets(self._activations, phase, phase_step, features_lib.EXTRACT_BATCH)
-        augment, first = self.augment(phase), self._first_examples(phase)
+        augment, first = self.augment(phase), self._first_examples(d.train_split, phase.config.subset)
         train_data = self.distribute(lambda b, ctx: data_lib.train_dataset(
             d, d.train_split, b, m.image_size, seed, self._skip_batches(phase_step, ctx), ctx, augment, first))
         val_data = self.distribute(
             lambda b, ctx: data_lib.eval_dataset(d, d.val_split, b, m.image_size, ctx)) if d.val_split else None
         return train_data, val_data
 
-    def _first_examples(self, phase: Phase) -> Optional[int]:
-        """The phase's share of the train split as a count of its first examples; None: all of it."""
-        if phase.config.subset == 1:
-            return None
-        return subset_examples(self.info.split_sizes[self.config.data.train_split], phase.config.subset)
+    def _first_examples(self, split: str, subset: float) -> Optional[int]:
+        """A `subset` share of `split` as a count of its first examples; None: all of it."""
+        return None if subset == 1 else subset_examples(self.info.split_sizes[split], subset)
 
     # --- cached outputs of the frozen parts --------------------------------------------
     def _activations(self, split: str, mirrored: bool = False, subset: float = 1.0):
@@ -259,15 +257,14 @@ class Run:
     def _features(self, split: str, mirrored: bool = False, subset: float = 1.0):
         """Pooled backbone features of this worker's shard (its first `subset` share): from the
         cached bottom activations when the fine-tune phase caches them, else from images."""
+        # The activations' time is logged on its own: get them before the clock starts.
+        cached = None if self.split is None else self._activations(split, mirrored, subset)
         started = time.perf_counter()
-        if self.split is None:
-            d = self.config.data
-            first = None if subset == 1 else subset_examples(self.info.split_sizes[split], subset)
-            features, labels = self._extract_features(d, split, self.config.model.image_size, self.global_batch,
-                                                      mirrored, first)
+        if cached is None:
+            features, labels = self._extract_features(self.config.data, split, self.config.model.image_size,
+                                                      self.global_batch, mirrored, self._first_examples(split, subset))
         else:
-            activations, labels = self._activations(split, mirrored, subset)
-            started = time.perf_counter()  # the activations' time is logged on its own
+            activations, labels = cached
             features = features_lib.in_batches(self._top_features, activations)
         log.info("backbone features of %d images of %s%s in %.1fs", int(labels.shape[0]), split,
                  " (mirrored)" if mirrored else "", time.perf_counter() - started)
