@@ -16,8 +16,9 @@ import inspect
 import json
 import os
 import re
+import multiprocessing
+import multiprocessing.connection
 import socket
-import subprocess
 import sys
 import time
 
@@ -42,7 +43,23 @@ def collectives_run(run) -> int:
                                                                         e.get("name", "")))
 
 
-def worker(index: int, ports: list[int], precision: str, steps: int) -> None:
+def worker(index: int, ports: list[int], precision: str, steps: int, finished) -> None:
+    """One worker's run; worker 0 prints the report once both are done."""
+    try:
+        report = measure(index, ports, precision, steps)
+    except BaseException:
+        finished.abort()  # the peer stops waiting for this one
+        raise
+    # A worker whose part of the last all-reduce is done may not exit yet: its peer can still be
+    # fetching that step's buffers from it (gRPC RecvBuf), and fails with "Connection refused"
+    # if it is gone. The barrier lives in the parent process, outside TensorFlow's network.
+    finished.wait(timeout=300)
+    if index == 0:
+        print(json.dumps(report))
+
+
+def measure(index: int, ports: list[int], precision: str, steps: int) -> dict:
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
     os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
                                           "task": {"type": "worker", "index": index}})
     import keras
@@ -73,37 +90,41 @@ def worker(index: int, ports: list[int], precision: str, steps: int) -> None:
     ops = [n.op for f in library for n in f.node_def] + [op.type for op in chunk.graph.get_operations()]
     collectives = sorted(op for op in ops if op.startswith("Collective"))
     functions.train_chunk(iterator, tf.constant(5), *extra).numpy()  # warm up
-    executed = collectives_run(lambda: functions.train_chunk(iterator, tf.constant(10), *extra).numpy()) / 10
+    ten_steps = lambda: functions.train_chunk(iterator, tf.constant(10), *extra).numpy()  # noqa: E731
+    executed = collectives_run(ten_steps) / 10 if index == 0 else ten_steps()  # the same steps, traced on worker 0
     start = time.perf_counter()
     for _ in range(steps):
         functions.train_chunk(iterator, tf.constant(1), *extra).numpy()
     seconds = time.perf_counter() - start
-    if index == 0:
-        print(json.dumps({"precision": precision, "collectives_run_per_step": executed,
-                          "collective_ops_in_step_graph": len(collectives),
-                          "steps": steps, "seconds": round(seconds, 2), "ms_per_step": round(1000 * seconds / steps, 2)}))
+    return {"precision": precision, "collectives_run_per_step": executed, "collective_ops_in_step_graph": len(collectives),
+            "steps": steps, "seconds": round(seconds, 2), "ms_per_step": round(1000 * seconds / steps, 2)}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("precision", nargs="?", default="float32", choices=["float32", "mixed_float16"])
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--ports", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker is not None:
-        worker(args.worker, json.loads(args.ports), args.precision, args.steps)
-        return 0
     sockets = [socket.socket() for _ in range(2)]
     for s in sockets:
         s.bind(("127.0.0.1", 0))
     ports = [s.getsockname()[1] for s in sockets]
     for s in sockets:
         s.close()
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    processes = [subprocess.Popen([sys.executable, __file__, args.precision, "--steps", str(args.steps), "--worker",
-                                   str(i), "--ports", json.dumps(ports)], env=env) for i in range(2)]
-    return max(p.wait() for p in processes)
+    spawn = multiprocessing.get_context("spawn")  # fresh interpreters: TensorFlow reads TF_CONFIG once
+    finished = spawn.Barrier(2)
+    processes = [spawn.Process(target=worker, args=(i, ports, args.precision, args.steps, finished)) for i in range(2)]
+    for p in processes:
+        p.start()
+    running = {p.sentinel: p for p in processes}
+    while running:
+        for ended in multiprocessing.connection.wait(list(running)):
+            process = running.pop(ended)
+            process.join()
+            if process.exitcode != 0:
+                for p in running.values():  # its peer would wait for it forever
+                    p.terminate()
+    return max(p.exitcode for p in processes)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,15 @@ One code path serves 1 CPU, N GPUs in one process (MirroredStrategy) and N worke
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Optional
 
 import tensorflow as tf
 
 from job.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 def _tf_config_workers() -> int:
@@ -93,6 +96,25 @@ def worker_index(strategy: tf.distribute.Strategy) -> int:
     resolver = getattr(strategy, "cluster_resolver", None)
     return int(resolver.task_id or 0) if resolver is not None and resolver.task_type else 0
 
+
+def wait_for_all_workers(strategy: tf.distribute.Strategy, barrier: str, timeout_s: float) -> None:
+    """Under a multi-worker strategy, return once every worker has called this with `barrier`.
+
+    A worker whose part of the last all-reduce is done may not exit yet: a peer can still be
+    fetching that step's buffers from it (gRPC RecvBuf) and fails with "Connection refused" once
+    it is gone. TensorFlow configures no shutdown barrier for MultiWorkerMirroredStrategy, so
+    the run ends on this one (TensorFlow's coordination service, led by worker 0). A worker that
+    never arrives costs a warning after `timeout_s`, not the run: this worker's part is done.
+    """
+    from tensorflow.python.eager import context
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or context.context().coordination_service is None:
+        return
+    try:
+        context.context().wait_at_barrier(barrier, int(timeout_s * 1000))
+    except tf.errors.OpError as error:
+        log.warning("not every worker reached the end of the run (%s): %s", barrier,
+                    str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
 
 
 def container_cpus() -> Optional[float]:

@@ -32,7 +32,7 @@ from job import features as features_lib
 from job.checkpoints import INDEX, Checkpoints
 from job.config import Config, ConfigError
 from job.distribute import (check_gpus, configure_threads, container_cpus, devices_in_use, is_chief, make_strategy,
-                            worker_index)
+                            wait_for_all_workers, worker_index)
 from job.errors import NonFiniteLoss, Preempted
 from job.model import TransferModel, build_model, set_backbone_trainable
 from job.periodic import Every, chunk_length
@@ -467,7 +467,9 @@ class Trainer:
                      phase.name, step, metrics["accuracy"], metrics["loss"], elapsed)
 
     def finish(self, status: str) -> dict:
-        """Write summary.json and persist what the workdir still lacks; the summary."""
+        """Once every worker is done with the run's collectives: write summary.json and persist
+        what the workdir still lacks; the summary."""
+        wait_for_all_workers(self.run.strategy, f"run {status}", self.run.config.ray.hang_timeout_s)
         summary = self.write_summary(status)
         if self.run.chief:
             self.workdir.push("tensorboard")
