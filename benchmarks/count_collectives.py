@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
-import re
 import multiprocessing
 import multiprocessing.connection
+import os
+import re
 import socket
 import sys
 import time
@@ -90,7 +90,9 @@ def measure(index: int, ports: list[int], precision: str, steps: int) -> dict:
     ops = [n.op for f in library for n in f.node_def] + [op.type for op in chunk.graph.get_operations()]
     collectives = sorted(op for op in ops if op.startswith("Collective"))
     functions.train_chunk(iterator, tf.constant(5), *extra).numpy()  # warm up
-    ten_steps = lambda: functions.train_chunk(iterator, tf.constant(10), *extra).numpy()  # noqa: E731
+    def ten_steps():
+        functions.train_chunk(iterator, tf.constant(10), *extra).numpy()
+
     executed = collectives_run(ten_steps) / 10 if index == 0 else ten_steps()  # the same steps, traced on worker 0
     start = time.perf_counter()
     for _ in range(steps):

@@ -97,6 +97,13 @@ def worker_index(strategy: tf.distribute.Strategy) -> int:
     return int(resolver.task_id or 0) if resolver is not None and resolver.task_type else 0
 
 
+def input_context(strategy: tf.distribute.Strategy) -> tf.distribute.InputContext:
+    """This process's place among the strategy's input pipelines (one per worker), as
+    `distribute_datasets_from_function` gives it to the dataset function."""
+    workers = max(1, _tf_config_workers()) if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) else 1
+    return tf.distribute.InputContext(num_input_pipelines=workers, input_pipeline_id=worker_index(strategy))
+
+
 def wait_for_all_workers(strategy: tf.distribute.Strategy, barrier: str, timeout_s: float) -> None:
     """Under a multi-worker strategy, return once every worker has called this with `barrier`.
 
@@ -114,7 +121,7 @@ def wait_for_all_workers(strategy: tf.distribute.Strategy, barrier: str, timeout
         context.context().wait_at_barrier(barrier, int(timeout_s * 1000))
     except tf.errors.OpError as error:
         log.warning("not every worker reached the end of the run (%s): %s", barrier,
-                    str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+                    (str(error).strip().splitlines() or [type(error).__name__])[0])
 
 
 def container_cpus() -> Optional[float]:

@@ -31,8 +31,8 @@ from job import data as data_lib
 from job import features as features_lib
 from job.checkpoints import INDEX, Checkpoints
 from job.config import Config, ConfigError
-from job.distribute import (check_gpus, configure_threads, container_cpus, devices_in_use, is_chief, make_strategy,
-                            wait_for_all_workers, worker_index)
+from job.distribute import (check_gpus, configure_threads, container_cpus, devices_in_use, input_context, is_chief,
+                            make_strategy, wait_for_all_workers, worker_index)
 from job.errors import NonFiniteLoss, Preempted
 from job.model import TransferModel, build_model, set_backbone_trainable
 from job.periodic import Every, chunk_length
@@ -251,8 +251,12 @@ class Run:
                      int(self._cache[key][1].shape[0]), split, " (mirrored)" if mirrored else "",
                      time.perf_counter() - started)
         activations, labels = self._cache[key]
-        count = subset_examples(int(labels.shape[0]), subset)
-        return (activations, labels) if subset == 1 else (activations[:count], labels[:count])
+        first = self._first_examples(split, subset)
+        if first is None:
+            return activations, labels
+        # The shard's share of the split's first examples, as the image pipeline takes them.
+        count = data_lib.shard_count(first, input_context(self.strategy))
+        return activations[:count], labels[:count]
 
     def _features(self, split: str, mirrored: bool = False, subset: float = 1.0):
         """Pooled backbone features of this worker's shard (its first `subset` share): from the
