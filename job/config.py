@@ -28,10 +28,18 @@ class DataConfig(_Section):
     train_split: str = "train[:90%]"
     val_split: Optional[str] = "train[90%:]"
     eval_split: str = "test"
-    # "memory", "none", or a directory for tf.data's on-disk cache files (one file per
-    # dataset, split, shard and preprocessing: job.data.cache_file).
-    cache: str = "memory"
+    # Where this worker keeps the images it has read, so later epochs do not read them again:
+    # "auto": decoded in memory if they fit in data.memory_share of the container's memory
+    # limit, else their encoded bytes in memory ("raw") if those fit, else nothing (decoded
+    # as they stream from the record files each epoch); "memory", "raw", "none", or a
+    # directory for tf.data's on-disk cache files of decoded images (job.data.cache_file).
+    cache: str = "auto"
+    # Share of the memory limit (cgroup memory.max / memory.limit_in_bytes, else the machine's
+    # memory) that the caches of one node's workers may take together (job.caches).
+    memory_share: float = Field(0.5, gt=0.0, le=0.9)
+    # Examples in the shuffle buffer, and at most this many MB of their stored bytes.
     shuffle_buffer: int = Field(50_000, ge=1)
+    shuffle_buffer_mb: float = Field(256.0, gt=0.0)
     # A folder of your own images, PATH/<split>/<class>/<image>, instead of a TFDS dataset
     # (data.name is then only a label); splits are sliced as TFDS slices them (train[:90%]).
     image_dir: Optional[str] = None

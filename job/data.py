@@ -1,30 +1,32 @@
-"""The input pipeline: a TFDS image-classification split as batches for a strategy.
+"""The input pipeline: a split of a dataset source (job.sources) as batches for a strategy.
 
-Order of operations, and why:
-  TFDS -> shard by data (the prepared cifar10 has one file, so file sharding cannot split it)
-  -> cache the small decoded uint8 images (150 MB for CIFAR-10; after resizing to 224 px
-  as float32 it would be 30 GB) -> seeded shuffle -> repeat -> batch -> augment at 32x32
-  -> optional resize + scale to the model's input -> prefetch.
-The shuffle is seeded and reshuffles each epoch deterministically, so a resumed run skips
+Two ways through, chosen per run by what fits in memory (job.caches resolves data.cache=auto):
+  - decoded cache (small sets, like CIFAR-10's 150 MB): this pipeline's examples -> decode ->
+    (resize once to cache_size, for large images) -> cache uint8 -> seeded shuffle -> repeat
+    -> batch -> augment -> (resize to the model input) -> prefetch;
+  - streaming (sets whose decoded images do not fit): this pipeline's record files, in a seeded
+    order drawn anew each pass, interleaved (job.shards) -> (the encoded bytes cached, with
+    data.cache=raw) -> shuffle buffer bounded in bytes -> repeat -> per image, the JPEG decoded
+    only inside its crop window (`decode_and_crop_jpeg`) and resized once to the model input
+    -> batch -> flips -> prefetch.
+Every random choice is seeded by the example's or batch's index, so a resumed run skips
 exactly the examples it had already seen and sees the same batches as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import os
 import re
 from typing import Optional
 
-import tensorflow_datasets as tfds
 from etils import epy
 
-from job import image_folder, storage
+from job import sources
 from job.config import DataConfig
-from job.errors import DataError, JobError
 from job.preprocess import model_input_fn
+from job.sources import DatasetInfo
 
 with epy.lazy_imports():
     # TensorFlow loads on first use: `dataset_info` reads TFDS metadata alone, so the CLI
@@ -59,112 +61,19 @@ def pipeline_options(ds):
     return ds.with_options(options)
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    num_classes: int
-    image_shape: tuple
-    split_sizes: dict
-    class_names: tuple = ()
-
-
-def _data_dir(data: DataConfig, metadata_only: bool) -> Optional[str]:
-    """data.data_dir as a local TFDS data_dir: a URI's dataset is mirrored into this node's cache once."""
-    if not data.data_dir or not storage.is_uri(data.data_dir):
-        return data.data_dir
-    local = storage.node_cache("tfds", hashlib.sha256(data.data_dir.encode()).hexdigest()[:12])
-    try:
-        found = storage.fetch_tree(storage.join(data.data_dir, data.name), os.path.join(local, data.name), metadata_only)
-    except (OSError, JobError) as err:
-        raise DataError(f"data.data_dir={data.data_dir!r}: cannot read it ({str(err).splitlines()[0][:160]})") from None
-    if not found:
-        raise DataError(f"data.data_dir={data.data_dir!r} holds no {data.name}/ folder: a TFDS data_dir holds "
-                        "<name>/<version>/ folders")
-    return local
-
-
-def _builder(data: DataConfig, prepare: bool = True):
-    """The TFDS builder, prepared (downloaded) if allowed; None if `prepare` is off and it needs preparing."""
-    if data.data_dir and os.path.exists(data.data_dir) and not os.path.isdir(data.data_dir):
-        raise DataError(f"data.data_dir={data.data_dir!r}: not a directory; a TFDS data_dir holds <name>/<version>/ folders")
-    data_dir = _data_dir(data, metadata_only=not prepare)
-    try:
-        builder = tfds.builder(data.name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise DataError(f"data.name={data.name!r}: no such TFDS dataset (see tfds.list_builders())") from None
-    if not builder.is_prepared():
-        where = builder.data_dir
-        if not data.download:
-            # A common slip: data_dir pointing at the dataset's own folder rather than its parent.
-            hint = (f" (data.data_dir ends in {data.name!r}: use its parent)"
-                    if data.data_dir and os.path.basename(os.path.normpath(data.data_dir)) == data.name else "")
-            raise DataError(
-                f"data.name={data.name!r} is not prepared in {where}{hint} and data.download=false: "
-                "set data.data_dir (or TFDS_DATA_DIR) to a TFDS data_dir that holds it, or allow downloading"
-            )
-        if not prepare:
-            return None
-        builder = _download_once(data, builder)
-    return builder
-
-
-def _download_once(data: DataConfig, builder):
-    """Download and prepare under a file lock in the data_dir: processes on one node (or on a
-    shared data_dir) wait for the first instead of writing the same files."""
-    from filelock import FileLock
-
-    root = os.path.dirname(os.path.dirname(builder.data_dir))  # <root>/<name>/<version>
-    os.makedirs(root, exist_ok=True)
-    with FileLock(os.path.join(root, f".{data.name}.prepare.lock")):
-        builder = tfds.builder(data.name, data_dir=root)
-        if builder.is_prepared():
-            return builder
-        try:
-            builder.download_and_prepare()
-        except Exception as err:  # noqa: BLE001 - any download failure gets the same advice
-            raise DataError(
-                f"data.name={data.name!r}: download failed ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
-                "prepare it elsewhere and point data.data_dir (or TFDS_DATA_DIR) at that data_dir"
-            ) from None
-    return builder
-
-
-def _keys(builder) -> tuple[str, str]:
-    keys = builder.info.supervised_keys
-    if not keys or len(keys) != 2:
-        raise DataError(f"data.name={builder.name!r} has no (image, label) supervised keys")
-    return keys
-
-
 def dataset_info(data: DataConfig, splits: list[str], prepare: bool = True) -> Optional[DatasetInfo]:
-    """Number of classes (and their names), image shape and the size of each requested split.
+    """Number of classes (and their names), image shape, size and stored bytes of each requested split.
 
-    prepare=False never downloads (nor loads TensorFlow for a prepared dataset) nor decodes an
-    image folder's files: it returns None when the dataset still has to be downloaded, so the
-    check is left to the real run.
+    prepare=False never downloads (nor loads TensorFlow for a prepared dataset): it returns None
+    when the dataset still has to be downloaded, so the check is left to the real run.
     """
-    if data.image_dir:
-        names, sizes, shape = image_folder.info(data.image_dir, splits, validate=prepare)
-        return DatasetInfo(len(names), shape, sizes, names)
-    builder = _builder(data, prepare)
-    if builder is None:
-        return None
-    image_key, label_key = _keys(builder)
-    features = builder.info.features
-    if not hasattr(features[label_key], "num_classes"):
-        raise DataError(f"data.name={data.name!r}: label '{label_key}' is not a class label")
-    sizes = {}
-    for split in splits:
-        try:
-            if not builder.info.splits:
-                # No split metadata (e.g. under tfds.testing.mock_data): count by reading.
-                sizes[split] = int(builder.as_dataset(split=split).reduce(0, lambda n, _: n + 1))
-                continue
-            sizes[split] = builder.info.splits[split].num_examples
-        except (ValueError, KeyError) as err:
-            available = list(builder.info.splits.keys())
-            raise DataError(f"split {split!r} of {data.name!r}: {str(err).splitlines()[0]} (available: {available})") from None
-    label = features[label_key]
-    return DatasetInfo(label.num_classes, tuple(features[image_key].shape), sizes, tuple(label.names))
+    source = sources.open_source(data, prepare)
+    return None if source is None else source.info(splits)
+
+
+def shard_count(data: DataConfig, split: str, first: Optional[int], input_context=None) -> int:
+    """How many of `split`'s (`first`) examples one input pipeline reads."""
+    return sources.open_source(data).shard_count(split, first, input_context)
 
 
 def cache_size(data: DataConfig, image_shape: tuple, image_size: int) -> Optional[int]:
@@ -206,14 +115,7 @@ def _resize_for_cache(image, size: int):
     return tf.cast(tf.clip_by_value(tf.round(square), 0, 255), tf.uint8)
 
 
-def shard_count(count: int, input_context: Optional[tf.distribute.InputContext] = None) -> int:
-    """How many of a split's first `count` examples one input pipeline reads: shards deal them round-robin."""
-    pipelines = input_context.num_input_pipelines if input_context else 1
-    index = input_context.input_pipeline_id if input_context else 0
-    return max(count - index + pipelines - 1, 0) // pipelines
-
-
-def cache_file(data: DataConfig, source: str, version: str, split: str, size: Optional[int], input_context=None,
+def cache_file(data: DataConfig, fingerprint: str, split: str, size: Optional[int], input_context=None,
                first: Optional[int] = None) -> str:
     """The on-disk cache of one dataset, split, shard and preprocessing under data.cache.
 
@@ -223,39 +125,103 @@ def cache_file(data: DataConfig, source: str, version: str, split: str, size: Op
     pipelines = input_context.num_input_pipelines if input_context else 1
     shard = f"shard{input_context.input_pipeline_id}of{pipelines}" if pipelines > 1 else "all"
     form = f"uint8-{size}px" if size else "uint8-native"
-    what = f"{data.name}-{version}-{split}{'' if first is None else f'-first{first}'}-{shard}-{form}"
-    digest = hashlib.sha256(f"{source}|{what}".encode()).hexdigest()[:10]
+    what = f"{data.name}-{split}{'' if first is None else f'-first{first}'}-{shard}-{form}"
+    digest = hashlib.sha256(f"{fingerprint}|{what}".encode()).hexdigest()[:10]
     return os.path.join(data.cache, f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', what)}-{digest}")
+
+
+def streams(data: DataConfig) -> bool:
+    """Whether images are decoded as they are read (data.cache raw or none), not cached decoded."""
+    return data.cache in ("raw", "none", "auto")
+
+
+def decode_full(image, shape: tuple):
+    """An encoded image (any format, any mode) -> uint8 RGB; a decoded one passes. Files of
+    another size than a folder's one size fail here and are skipped (ignore_errors)."""
+    if image.dtype == tf.string:
+        image = tf.io.decode_image(image, channels=3, expand_animations=False)
+    image = tf.ensure_shape(image, (*shape[:2], None))
+    return image
 
 
 def load_images(data: DataConfig, split: str, input_context: Optional[tf.distribute.InputContext] = None,
                 image_size: Optional[int] = None, first: Optional[int] = None):
     """(uint8 image, int32 label) pairs of this worker's shard of `split` (of its `first` examples
-    only, if given), cached: at their own size, or resized once to `cache_size` (images larger
-    than the model input or of varying size)."""
-    if data.image_dir:
-        ds, source = image_folder.dataset(data.image_dir, split, input_context), data.image_dir
-        version = f"folder{image_folder.fingerprint(data.image_dir, split)}"
-        shape = image_folder.scan(data.image_dir).shape
-    else:
-        builder = _builder(data)
-        image_key, label_key = _keys(builder)
-        ds = builder.as_dataset(split=split, shuffle_files=False)
-        if input_context is not None and input_context.num_input_pipelines > 1:
-            ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-        ds = ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32)), num_parallel_calls=AUTOTUNE)
-        source, version, shape = builder.data_dir, str(builder.version), tuple(builder.info.features[image_key].shape)
-    if first is not None:  # before decoding and caching: the rest is never read
-        ds = ds.take(shard_count(first, input_context))
+    only, if given), decoded and cached: at their own size, or resized once to `cache_size`
+    (images larger than the model input or of varying size)."""
+    source = sources.open_source(data)
+    shape = source.info([]).image_shape
+    ds = source.examples(split, input_context, first)
     size = cache_size(data, shape, image_size) if image_size else None
+    ds = ds.map(lambda image, label: (decode_full(image, shape), label), num_parallel_calls=AUTOTUNE)
+    ds = ds.ignore_errors(log_warning=True)  # a file that does not decode is left out, not the epoch
     if size:
         ds = ds.map(lambda image, label: (_resize_for_cache(image, size), label), num_parallel_calls=AUTOTUNE)
     if data.cache == "memory":
         ds = ds.cache()
-    elif data.cache != "none":
+    elif not streams(data):
         os.makedirs(data.cache, exist_ok=True)
-        ds = ds.cache(cache_file(data, source, version, split, size, input_context, first))
+        ds = ds.cache(cache_file(data, source.fingerprint(split), split, size, input_context, first))
     return ds
+
+
+def crop_window(shape, seed: Optional[tf.Tensor], area=(0.35, 1.0), ratio=(3 / 4, 4 / 3)):
+    """[top, left, height, width] inside an image of `shape` (h, w, c): its centre square, or with
+    a seed a random crop of `area` of that square at an aspect ratio in `ratio` (log-uniform),
+    as `random_resized_crop` takes them from a cached square."""
+    height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    side = tf.minimum(height, width)
+    top, left, crop_h, crop_w = (height - side) / 2, (width - side) / 2, side, side
+    if seed is not None:
+        area_seed, ratio_seed, place_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+        scale = tf.random.stateless_uniform([], area_seed, *area)
+        aspect = tf.exp(tf.random.stateless_uniform([], ratio_seed, math.log(ratio[0]), math.log(ratio[1])))
+        crop_h = side * tf.minimum(tf.sqrt(scale / aspect), 1.0)
+        crop_w = side * tf.minimum(tf.sqrt(scale * aspect), 1.0)
+        place = tf.random.stateless_uniform([2], place_seed)
+        top, left = top + place[0] * (side - crop_h), left + place[1] * (side - crop_w)
+    window = tf.cast(tf.round(tf.stack([top, left, crop_h, crop_w])), tf.int32)
+    return tf.maximum(window, [0, 0, 1, 1])
+
+
+def decode_crop_resize(encoded, image_size: int, method: str, seed: Optional[tf.Tensor] = None):
+    """An encoded image -> its crop window (`crop_window`) resized once to `image_size`, uint8 RGB.
+
+    A JPEG is decoded only inside the window (`decode_and_crop_jpeg`: the rows above and the
+    blocks outside are skipped), other formats whole and then cropped."""
+    def jpeg():
+        window = crop_window(tf.image.extract_jpeg_shape(encoded), seed)
+        return tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
+
+    def other():
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        top, left, height, width = tf.unstack(crop_window(tf.shape(image), seed))
+        return image[top:top + height, left:left + width]
+
+    crop = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+    resized = tf.image.resize(crop, (image_size, image_size), method=method, antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+
+def _stream_decoder(data: DataConfig, info: DatasetInfo, image_size: int, random_crops: bool, seed: int):
+    """(image, label, example index) -> (uint8 image ready to batch, label): small images of one
+    size at their own size (the step upscales them), others cropped and resized once."""
+    def decode(image, label, index):
+        if source_images_are_small(info.image_shape, image_size):
+            return decode_full(image, info.image_shape), label
+        crop_seed = tf.stack([tf.cast(seed, tf.int64), index]) if random_crops else None
+        if image.dtype != tf.string:  # stored decoded: crop the tensor
+            image = tf.io.encode_png(image)
+        return decode_crop_resize(image, image_size, data.resize_method, crop_seed), label
+    return decode
+
+
+def shuffle_buffer(data: DataConfig, info: DatasetInfo, split: str) -> int:
+    """data.shuffle_buffer examples, fewer if their stored bytes would exceed data.shuffle_buffer_mb."""
+    count, stored = info.split_sizes.get(split), info.split_bytes.get(split)
+    if not count or not stored:
+        return data.shuffle_buffer
+    return max(1, min(data.shuffle_buffer, int(data.shuffle_buffer_mb * 2**20 / (stored / count))))
 
 
 def augment(images: tf.Tensor, mode: str, seed: tf.Tensor) -> tf.Tensor:
@@ -323,30 +289,52 @@ def train_dataset(
 ):
     """Endless shuffled, augmented batches of `batch_size` for one input pipeline.
 
-    With data.resize_on == "device" the batches stay uint8 at native size; the train
-    step resizes them. `skip_batches` fast-forwards a resumed run past seen batches.
+    With data.resize_on == "device" small images stay uint8 at native size; the train step
+    resizes them. `skip_batches` fast-forwards a resumed run past seen batches.
     `augment_mode` overrides data.augment (phases may augment differently); `first` limits
     the split to its first examples (a phase's subset).
     """
-    augment_mode = augment_mode or data.augment
-    if augment_mode == "auto":
-        augment_mode = resolve_augment(augment_mode, dataset_info(data, []).image_shape, image_size)
-    ds = load_images(data, split, input_context, image_size, first)
-    ds = ds.shuffle(data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+    info = dataset_info(data, [split])
+    augment_mode = resolve_augment(augment_mode or data.augment, info.image_shape, image_size)
+    if streams(data):
+        ds = _streamed_examples(data, info, split, image_size, seed, skip_batches * batch_size, input_context,
+                                augment_mode == "resized_crop", first)
+        batch_augment = "flip" if augment_mode == "resized_crop" else augment_mode  # its crops are done
+    else:
+        ds = load_images(data, split, input_context, image_size, first)
+        ds = ds.shuffle(data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+        batch_augment = augment_mode
     ds = ds.batch(batch_size, drop_remainder=True)
-    if skip_batches:
+    if skip_batches and not streams(data):
         ds = ds.skip(skip_batches)
     # One stateless seed per batch, derived from the batch's index: reproducible across resumes.
     ds = tf.data.Dataset.zip((ds, tf.data.Dataset.counter(start=skip_batches)))
 
     def prepare(batch, index):
         images, labels = batch
-        images = augment(images, augment_mode, tf.stack([tf.cast(seed, tf.int64), index]))
+        images = augment(images, batch_augment, tf.stack([tf.cast(seed, tf.int64), index]))
         if data.resize_on == "host":
             images = model_input_fn(data, image_size)(images)
         return images, labels
 
     return pipeline_options(ds.map(prepare, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE))
+
+
+def _streamed_examples(data, info, split, image_size, seed, skip_examples, input_context, random_crops, first):
+    """Decoded, cropped examples of an endless seeded stream of this pipeline's records.
+
+    Skipped examples of a resumed run are read but not decoded."""
+    source = sources.open_source(data)
+    if data.cache == "raw":  # the encoded bytes in memory: files in order, the buffer mixes them
+        ds = source.examples(split, input_context, first).cache()
+    else:
+        ds = source.examples(split, input_context, first, shuffle_seed=seed)
+    ds = ds.shuffle(shuffle_buffer(data, info, split), seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.skip(skip_examples)
+    ds = tf.data.Dataset.zip((ds, tf.data.Dataset.counter(start=skip_examples)))
+    decode = _stream_decoder(data, info, image_size, random_crops, seed)
+    ds = ds.map(lambda example, index: decode(*example, index), num_parallel_calls=AUTOTUNE)
+    return ds.ignore_errors(log_warning=True)
 
 
 def eval_dataset(
@@ -359,7 +347,17 @@ def eval_dataset(
 ):
     """One ordered pass over `split` (its `first` examples, if given), last batch partial,
     prepared like training batches."""
-    ds = load_images(data, split, input_context, image_size, first).batch(batch_size)
+    if streams(data):
+        info = dataset_info(data, [split])
+        ds = sources.open_source(data).examples(split, input_context, first)
+        if data.cache == "raw":
+            ds = ds.cache()
+        decode = _stream_decoder(data, info, image_size, False, 0)
+        ds = ds.map(lambda image, label: decode(image, label, tf.constant(0, tf.int64)), num_parallel_calls=AUTOTUNE)
+        ds = ds.ignore_errors(log_warning=True)
+    else:
+        ds = load_images(data, split, input_context, image_size, first)
+    ds = ds.batch(batch_size)
     if data.resize_on == "host":
         prepare = model_input_fn(data, image_size)
         ds = ds.map(lambda images, labels: (prepare(images), labels), num_parallel_calls=AUTOTUNE)

@@ -4,8 +4,12 @@ Layout, as TFDS's ImageFolder reads it: PATH/<split>/<class>/<image>, e.g. PATH/
 Splits may be sliced like TFDS splits (`train[:90%]`, `train[90%:]`): the files of a split,
 in a fixed order that mixes the classes (by a hash of each file's path under the folder), are
 cut by the same rules, so `train[90%:]` holds every class and not the last class folders. JPEG, PNG, GIF (first frame) and BMP, in any
-mode (RGB, grayscale, with alpha, palette): each becomes 3-channel RGB. Files that do not
-decode are left out, counted, and named in the log, rather than failing an epoch halfway.
+mode (RGB, grayscale, with alpha, palette): each becomes 3-channel RGB. Start-up lists the files
+and reads each one's header (its size), never its pixels: files whose header does not read are
+left out, counted, and named in the log; a file that fails to decode later is skipped by the
+pipeline rather than failing an epoch halfway. A folder of many files (LARGE_FOLDER) gets a log
+line pointing at `python -m job prepare`, which writes sharded record files that start in
+seconds at any size and are read file by file across workers.
 Classes are the sorted folder names of all splits, so a class's index is the same in every split.
 """
 
@@ -26,6 +30,9 @@ from job.errors import DataError
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+# Above this many files, start-up (a header read per file) and per-file reads cost more than
+# record shards: the log says so.
+LARGE_FOLDER = 20_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,15 +48,14 @@ def _split_dirs(root: str) -> list[str]:
     return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
 
 
-def _decoded_size(path: str) -> Optional[tuple]:
-    """(width, height) of an image file that decodes, else None."""
+def _header_size(path: str) -> Optional[tuple]:
+    """(width, height) from an image file's header (its pixels are not decoded), else None."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            image.load()  # decodes it all: a truncated file fails here, not in the middle of an epoch
             return image.size
-    except Exception:  # noqa: BLE001 - any decoding failure means "skip it"
+    except Exception:  # noqa: BLE001 - any failure to read the header means "skip it"
         return None
 
 
@@ -61,7 +67,7 @@ def _mixed_order(root: str, pairs: list) -> list:
 
 @functools.lru_cache(maxsize=8)
 def scan(root: str, validate: bool = True) -> Folder:
-    """The images under `root` (each decoded once to check it, if `validate`); DataError if the
+    """The images under `root` (each one's header read, if `validate`); DataError if the
     layout is not PATH/<split>/<class>/<image> with at least two classes."""
     setting = f"data.image_dir={root!r}"
     if not os.path.isdir(root):
@@ -81,7 +87,7 @@ def scan(root: str, validate: bool = True) -> Folder:
             for file in sorted(os.listdir(folder)):
                 path = os.path.join(folder, file)
                 if file.lower().endswith(SUFFIXES) and os.path.isfile(path):
-                    size = _decoded_size(path) if validate else None
+                    size = _header_size(path) if validate else None
                     if validate and size is None:
                         unreadable.append(path)
                         continue
@@ -90,6 +96,11 @@ def scan(root: str, validate: bool = True) -> Folder:
         files[split] = _mixed_order(root, found)
     if validate and unreadable:
         log.warning("data.image_dir: %d file(s) do not decode and are left out: %s", len(unreadable), ", ".join(unreadable))
+    total = sum(len(found) for found in files.values())
+    if total > LARGE_FOLDER:
+        log.info("data.image_dir: %d images, each read as its own file; for a folder this size `python -m job prepare "
+                 "%s DATA_DIR --name NAME` writes sharded records (start-up in seconds, one read per worker's own "
+                 "files), then train with data.name=NAME data.data_dir=DATA_DIR", total, root)
     if not any(files.values()):
         raise DataError(f"{setting}: no {'/'.join(SUFFIXES)} images under {root}/<split>/<class>/")
     # One size for every image (CIFAR-10 exported as PNG files, say): cached and augmented at
@@ -117,11 +128,13 @@ def split_files(folder: Folder, split: str) -> list[tuple[str, int]]:
     return chosen
 
 
-def info(root: str, splits: list[str], validate: bool = True) -> tuple[tuple, dict, tuple]:
-    """(class names, {split: size}, image shape) of the folder; the shape has None for a size
-    that varies (or is unknown without `validate`)."""
+def info(root: str, splits: list[str], validate: bool = True) -> tuple[tuple, dict, tuple, dict]:
+    """(class names, {split: size}, image shape, {split: bytes of its files}) of the folder; the
+    shape has None for a size that varies (or is unknown without `validate`)."""
     folder = scan(root, validate)
-    return folder.classes, {split: len(split_files(folder, split)) for split in splits}, folder.shape
+    chosen = {split: split_files(folder, split) for split in splits}
+    return (folder.classes, {split: len(pairs) for split, pairs in chosen.items()}, folder.shape,
+            {split: sum(os.path.getsize(path) for path, _ in pairs) for split, pairs in chosen.items()})
 
 
 def fingerprint(root: str, split: str) -> str:
@@ -131,19 +144,13 @@ def fingerprint(root: str, split: str) -> str:
     return hashlib.sha1(paths.encode()).hexdigest()[:10]
 
 
-def dataset(root: str, split: str, input_context: Optional[object] = None):
-    """(uint8 RGB image of its own size, int32 label) pairs of this worker's shard of `split`."""
+def encoded_dataset(root: str, split: str, input_context: Optional[object] = None, first: Optional[int] = None):
+    """(encoded file bytes, int32 label) pairs of this worker's share of `split` (of its `first` files)."""
     import tensorflow as tf
 
-    folder = scan(root)
-    pairs = split_files(folder, split)
+    pairs = split_files(scan(root), split)[:first]
     ds = tf.data.Dataset.from_tensor_slices(([p for p, _ in pairs], [label for _, label in pairs]))
     if input_context is not None and input_context.num_input_pipelines > 1:
         ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-
-    def decode(path, label):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        return tf.ensure_shape(image, folder.shape), tf.cast(label, tf.int32)
-
-    # A file PIL decoded but TensorFlow cannot is skipped here too (with TensorFlow's warning).
-    return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
+    return ds.map(lambda path, label: (tf.io.read_file(path), tf.cast(label, tf.int32)),
+                  num_parallel_calls=tf.data.AUTOTUNE)

@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from job import COMMAND_START
+from job import caches
 from job import data as data_lib
 from job import features as features_lib
 from job.checkpoints import INDEX, Checkpoints
@@ -54,6 +55,20 @@ CACHED_STEPS_PER_CALL = 100
 # worker's checkpoint directory if a checkpoint was saved at this step, else None).
 # job.launch builds Ray's reporting on it.
 Reporter = Callable[[dict, Optional[str]], None]
+
+
+def workers_on_node() -> int:
+    """Training processes on this node, which share its memory: Ray Train's local world size, else 1."""
+    import sys
+
+    if "ray.train" not in sys.modules:  # not a Ray worker: no need to import Ray
+        return 1
+    try:
+        import ray.train
+
+        return max(1, ray.train.get_context().get_local_world_size())
+    except Exception:  # noqa: BLE001 - outside a Ray Train worker the context has no world
+        return 1
 
 
 def weights_digest(model: keras.Model) -> str:
@@ -108,6 +123,11 @@ class Run:
         data = config.data
         self.info = data_lib.dataset_info(data, [data.train_split] + ([data.val_split] if data.val_split else []))
         self.phases = plan_phases(config, self.info.split_sizes[data.train_split], self.global_batch)
+        # What this worker caches, and where: against its share of the container's memory limit.
+        self.pipelines = input_context(self.strategy).num_input_pipelines
+        self.cache_budget = caches.CacheBudget(data.memory_share, workers_on_node())
+        self.data = caches.image_cache(data, self.info, [data.train_split, data.val_split], config.model.image_size,
+                                       self.cache_budget, self.pipelines)
 
         # Same initial head (and, with weights=none, backbone) on every run and worker.
         keras.utils.set_random_seed(config.train.seed)
@@ -133,9 +153,31 @@ class Run:
             except ValueError as err:
                 raise ConfigError(f"train.finetune.unfreeze={finetune.config.unfreeze!r} with cache_frozen: {err}") from None
             self._extract_bottom = features_lib.Extractor(self.strategy, self.split.bottom, self.preprocess)
+            if not self._fits("activations of the frozen bottom", int(np.prod(self.split.shape)) * 4,
+                              finetune.config.subset, self.augment(finetune) == "flip", "fine-tune on images"):
+                self.split = None
+        if self.split is not None:
             # Traced once for any batch size: inference on this worker's cached activations.
             self._top_features = tf.function(self.split.top_features,
                                              input_signature=[tf.TensorSpec([None, *self.split.shape], tf.float32)])
+        head = self.phases[0]
+        self.features_fit = not (self.use_feature_cache(head) and head.steps > 0) or self._fits(
+            "backbone features", int(self.model.features.output.shape[-1]) * 4, head.config.subset,
+            self.augment(head) == "flip", "head on images")
+
+    def _fits(self, what: str, bytes_per_image: int, subset: float, mirrored: bool, instead: str) -> bool:
+        """Whether a per-image cache of this worker (train share, val, mirror images) fits its
+        memory budget; takes it from the budget if so, else records where the phase goes instead."""
+        d = self.config.data
+        train = self._first_examples(d.train_split, subset) or self.info.split_sizes[d.train_split]
+        val = self.info.split_sizes.get(d.val_split, 0) if d.val_split else 0
+        images = train * (2 if mirrored else 1) + val * (2 if self.config.model.flip_tta else 1)
+        nbytes = images * bytes_per_image // self.pipelines
+        if self.cache_budget.fits(nbytes):
+            self.cache_budget.take(what, nbytes)
+            return True
+        self.cache_budget.refuse(what, nbytes, instead)
+        return False
 
     def record(self) -> dict:
         """The run's record (job.resume.RUN_RECORD): the global batch in use and what the model was trained on."""
@@ -164,19 +206,13 @@ class Run:
                                         self.config.model.image_size)
 
     def cache_statement(self) -> str:
-        """What the image cache holds and how much memory (or disk) it takes, for the log."""
-        d = self.config.data
-        size = data_lib.cache_size(d, self.info.image_shape, self.config.model.image_size)
-        counts = {split: self.info.split_sizes[split] for split in (d.train_split, d.val_split) if split}
-        total = data_lib.cache_bytes(sum(counts.values()), self.info.image_shape, size)
-        what = f"{size}x{size}" if size else "their own size, " + "x".join(str(n) for n in self.info.image_shape[:2])
-        where = {"memory": "in memory", "none": "not cached"}.get(d.cache, f"on disk in {d.cache}")
-        return (f"images cached as uint8 at {what} ({', '.join(f'{s}: {n}' for s, n in counts.items())}): "
-                f"{total / 2**20:.1f} MB {where} over all workers")
+        """Each cache of this worker, its size and where it went (memory, disk, not cached), for the log."""
+        return self.cache_budget.statement()
 
     def use_feature_cache(self, phase: Phase) -> bool:
         setting = self.config.train.cache_features
-        return phase.name == "head" and (setting is True or (setting == "auto" and self.augment(phase) == "none"))
+        return (phase.name == "head" and getattr(self, "features_fit", True)
+                and (setting is True or (setting == "auto" and self.augment(phase) == "none")))
 
     def use_frozen_cache(self, phase: Phase) -> bool:
         """Fine-tune the top on cached activations of the frozen bottom (train.finetune.cache_frozen)."""
@@ -221,7 +257,7 @@ class Run:
     def datasets(self, phase: Phase, phase_step: int):
         """(train, val) distributed datasets of `phase` from `phase_step` on: cached features,
         cached activations of the frozen bottom, or images."""
-        d, m, seed = self.config.data, self.config.model, self.config.train.seed
+        d, m, seed = self.data, self.config.model, self.config.train.seed
         if self.use_feature_cache(phase):
             # Evaluating cached features is a matmul: one large batch per replica, not many small ones.
             return self._cached_datasets(self._features, phase, phase_step, features_lib.FEATURE_EVAL_BATCH)
@@ -245,8 +281,8 @@ class Run:
         key = (split, mirrored)
         if key not in self._cache:
             started = time.perf_counter()
-            d = self.config.data
-            self._cache[key] = self._extract_bottom(d, split, self.config.model.image_size, self.global_batch, mirrored)
+            self._cache[key] = self._extract_bottom(self.data, split, self.config.model.image_size, self.global_batch,
+                                                    mirrored)
             log.info("activations at %s of %d images of %s%s in %.1fs", self.split.first_trainable,
                      int(self._cache[key][1].shape[0]), split, " (mirrored)" if mirrored else "",
                      time.perf_counter() - started)
@@ -255,7 +291,7 @@ class Run:
         if first is None:
             return activations, labels
         # The shard's share of the split's first examples, as the image pipeline takes them.
-        count = data_lib.shard_count(first, input_context(self.strategy))
+        count = data_lib.shard_count(self.data, split, first, input_context(self.strategy))
         return activations[:count], labels[:count]
 
     def _features(self, split: str, mirrored: bool = False, subset: float = 1.0):
@@ -265,7 +301,7 @@ class Run:
         cached = None if self.split is None else self._activations(split, mirrored, subset)
         started = time.perf_counter()
         if cached is None:
-            features, labels = self._extract_features(self.config.data, split, self.config.model.image_size,
+            features, labels = self._extract_features(self.data, split, self.config.model.image_size,
                                                       self.global_batch, mirrored, self._first_examples(split, subset))
         else:
             activations, labels = cached
@@ -276,7 +312,7 @@ class Run:
 
     def _cached_datasets(self, cache, phase: Phase, phase_step: int, eval_batch: int):
         """(train, val) over cached per-image tensors, `cache(split, mirrored) -> (tensors, labels)`."""
-        d, seed, subset = self.config.data, self.config.train.seed, phase.config.subset
+        d, seed, subset = self.data, self.config.train.seed, phase.config.subset
         inputs, labels = cache(d.train_split, subset=subset)
         mirrored = cache(d.train_split, mirrored=True, subset=subset)[0] if self.augment(phase) == "flip" else None
         train = self.distribute(lambda b, ctx: features_lib.train_dataset(

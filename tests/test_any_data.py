@@ -4,6 +4,7 @@ folder of one's own images in mixed formats, and predictions by class name."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -121,7 +122,7 @@ def test_a_folder_of_mixed_images_trains_skips_the_broken_file_and_predicts_by_n
     result = run_job(*args, env=real_env)
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"1 file(s) do not decode and are left out: {image_folder / 'train' / 'horse' / 'broken.jpg'}" in result.stderr
-    assert "images cached as uint8 at 37x37" in result.stderr  # varying sizes: one bounded cache size
+    assert re.search(r"decoded images \(uint8 37x37, [^)]*\) [0-9.]+ MB -> memory", result.stderr)  # varying sizes: one bounded size
     evaluated = run_job("evaluate", *args[1:], env=real_env, check=True)
     assert json.loads(evaluated.stdout.strip().splitlines()[-1])["examples"] == 30
     files = [str(image_folder / "test" / "horse" / "030.png"), str(image_folder / "test" / "airplane" / "031.jpg")]
