@@ -48,6 +48,16 @@ def _parser() -> argparse.ArgumentParser:
     guess.add_argument("images", nargs="+", help="image files or folders of them (JPEG, PNG, GIF, BMP)")
     guess.add_argument("--top-k", type=int, default=3, help="classes per image (default 3)")
     guess.add_argument("--json", action="store_true", help="one JSON object per image and line")
+    prep = sub.add_parser("prepare", help="an image tree (path, s3://, gs://) as a sharded TFDS dataset",
+                          description="IMAGE_DIR/<split>/<class>/<image> (or <class>/<image>) -> DATA_DIR/NAME/1.0.0/: "
+                                      "record files TFDS reads; train with data.name=NAME data.data_dir=DATA_DIR")
+    prep.add_argument("image_dir", help="the image tree: a path, s3://bucket/prefix or gs://bucket/prefix")
+    prep.add_argument("data_dir", help="the TFDS data_dir to write into: a path, s3:// or gs://")
+    prep.add_argument("--name", required=True, help="the dataset's name, e.g. my_images")
+    prep.add_argument("--shard-mb", type=float, default=150.0, help="MB of images per shard (default 150)")
+    prep.add_argument("--min-shards", type=int, default=16,
+                      help="shards per split at least, so each worker reads files of its own (default 16)")
+    prep.add_argument("overrides", nargs="*", help="settings, e.g. ray.enabled=true ray.address=auto")
     board = sub.add_parser("tensorboard", help="TensorBoard on a workdir (a path, gs:// or s3://), following it while it runs",
                            description="TensorBoard on a workdir (a path, gs:// or s3://), following it while it runs")
     board.add_argument("workdir", help="the run's workdir, e.g. runs/cifar10_quick or s3://bucket/runs/x")
@@ -170,6 +180,22 @@ def _train(config) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from job.config import load_config
+    from job.errors import ConfigError
+    from job.prepare import prepare
+
+    if args.shard_mb <= 0 or args.min_shards < 1:
+        raise ConfigError(f"--shard-mb={args.shard_mb} --min-shards={args.min_shards}: "
+                          "a positive size and at least one shard")
+    config = load_config(None, args.overrides)
+    _configure_logging(config.telemetry.verbose)
+    with _native_stderr_to_debug_log():
+        import tensorflow  # noqa: F401 - its start-up lines go to the debug log
+    print(json.dumps(prepare(args.image_dir, args.data_dir, args.name, config, args.shard_mb, args.min_shards)))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from job.config import load_config
 
@@ -181,6 +207,8 @@ def _run(args: argparse.Namespace) -> int:
         _configure_logging(verbose=False)
         return follow(args.workdir, args.host, args.port, args.every)
 
+    if args.command == "prepare":
+        return _prepare(args)
     config = load_config(args.config, args.overrides)
     _configure_logging(config.telemetry.verbose)
     from job.errors import WorkdirError

@@ -35,6 +35,12 @@ with epy.lazy_imports():
 
 log = logging.getLogger(__name__)
 
+
+def _scratch() -> str:
+    folder = storage.node_cache("scratch")
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
 # Files read at once in a training pass: mixes examples of several files into the shuffle buffer.
 INTERLEAVE = 8
 # Files of a bucket downloaded ahead of the one being read, per pipeline.
@@ -128,7 +134,7 @@ class Fetcher:
 
     def __init__(self, keep: int):
         self.keep = keep
-        self.folder = tempfile.mkdtemp(prefix="shards-", dir=storage.node_cache("scratch"))
+        self.folder = tempfile.mkdtemp(prefix="shards-", dir=_scratch())
         self.local = collections.OrderedDict()  # uri -> local path, oldest first
         self.lock = threading.Lock()
 

@@ -171,11 +171,10 @@ class TfdsSource(Source):
                            sizes_bytes)
 
     def _split_bytes(self, split: str) -> int:
-        """Stored bytes of a (sliced) split: its examples' share of each whole split's bytes."""
+        """Stored bytes of a (sliced) split, at the dataset's mean bytes per example."""
         splits = self.builder.info.splits
-        pieces = tfds.core.ReadInstruction.from_spec(split).to_absolute(dict(splits.items()))
-        return int(sum((p.to - p.from_) * splits[p.splitname].num_bytes / max(splits[p.splitname].num_examples, 1)
-                       for p in pieces))
+        per_example = sum(s.num_bytes for s in splits.values()) / max(sum(s.num_examples for s in splits.values()), 1)
+        return int(splits[split].num_examples * per_example)
 
     def fingerprint(self, split: str) -> str:
         return f"{self.name}-{self.builder.version}|{self.builder.data_dir}|{split}"
