@@ -251,6 +251,8 @@ def _run_shards(shards: list[Shard], name: str, data_dir: str, classes: tuple, c
     from job.launch import _connect
 
     started = _connect(config)
+    log.info("prepare: %d shards as ray tasks on %s", len(shards), "a local Ray" if started and not config.ray.address
+             else "the cluster")
     try:
         task = ray.remote(num_cpus=1, max_retries=3)(write_shard)
         pending = {task.remote(shard, name, data_dir, classes): i for i, shard in enumerate(shards)}

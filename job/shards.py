@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import threading
+import weakref
 from typing import Optional
 
 from etils import epy
@@ -137,6 +138,7 @@ class Fetcher:
         self.folder = tempfile.mkdtemp(prefix="shards-", dir=_scratch())
         self.local = collections.OrderedDict()  # uri -> local path, oldest first
         self.lock = threading.Lock()
+        weakref.finalize(self, shutil.rmtree, self.folder, True)  # at garbage collection or exit
 
     def fetch(self, uri: str) -> str:
         with self.lock:
@@ -161,6 +163,3 @@ class Fetcher:
     def as_op(self, uri):
         local = tf.py_function(lambda u: self.fetch(u.numpy().decode()), [uri], tf.string)
         return tf.ensure_shape(local, [])
-
-    def __del__(self):
-        shutil.rmtree(getattr(self, "folder", ""), ignore_errors=True)

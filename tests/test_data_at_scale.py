@@ -268,3 +268,60 @@ def test_training_on_a_prepared_dataset_streams_it_and_logs_where_the_caches_wen
     assert "-> not cached (streamed from the files and decoded every epoch)" in result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["status"] == "finished"
+
+
+# --- buckets -----------------------------------------------------------------------------------
+
+
+def _upload_tree(s3, bucket: str, tree: Path, prefix: str) -> None:
+    client = s3.client()
+    for path in tree.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(tree).as_posix()}")
+
+
+def test_prepare_from_a_bucket_into_a_bucket_and_two_pipelines_fetch_only_their_own_files(prepared, s3_env,
+                                                                                         monkeypatch, tmp_path):
+    tree, _, local_summary = prepared
+    bucket = s3_env.bucket()
+    _upload_tree(s3_env, bucket, tree, "tree")
+    monkeypatch.setenv("JOB_CACHE_DIR", str(tmp_path / "node"))
+    summary = prepare(f"s3://{bucket}/tree", f"s3://{bucket}/data", "colours", load_config(None, []), min_shards=4)
+    assert summary["splits"] == {**local_summary["splits"]} and summary["unreadable"] == 1
+    keys = s3_env.keys(bucket, "data/")
+    assert "data/colours/1.0.0/dataset_info.json" in keys
+    assert len([k for k in keys if ".tfrecord-" in k and "/.prepare/" not in k]) == 8
+
+    fetched = []
+    real_download = data_lib.sources.storage._download  # noqa: SLF001
+
+    def recording(store, path, local):
+        fetched.append(os.path.basename(path))
+        real_download(store, path, local)
+
+    monkeypatch.setattr(data_lib.sources.storage, "_download", recording)
+    data = _data(f"s3://{bucket}/data")
+    read = []
+    for index in range(2):
+        fetched.clear()
+        context = tf.distribute.InputContext(2, index)
+        read.append([bytes(image.numpy()) for image, _ in data_lib.sources.open_source(data).examples("train", context)])
+        mine = [f for f in fetched if ".tfrecord-" in f]
+        assert sorted(mine) == [f"colours-train.tfrecord-{i:05d}-of-00004" for i in range(index, 4, 2)]
+    assert len(read[0]) + len(read[1]) == 45 and not set(read[0]) & set(read[1])
+    # Only the metadata is mirrored onto the node; record files pass through a bounded scratch.
+    assert [p.name for p in (tmp_path / "node" / "tfds").rglob("*.tfrecord-*")] == []
+    assert sorted(p.name for p in (tmp_path / "node" / "tfds").rglob("*.json")) == ["dataset_info.json", "features.json"]
+
+
+@pytest.mark.ray
+def test_prepare_on_ray_writes_the_shards_as_tasks(tmp_path):
+    tree = write_tree(tmp_path / "tree", per_class=8)
+    result = run_job("prepare", str(tree), str(tmp_path / "data"), "--name", "colours", "--min-shards", "3",
+                     "ray.enabled=true", "ray.address=null", env={"RAY_ADDRESS": ""}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["splits"]["train"]["shards"] == 3 and summary["unreadable"] == 1
+    assert "ray tasks" in result.stderr  # the engine it ran on, in its log line
+    builder = tfds.builder("colours", data_dir=str(tmp_path / "data"))
+    assert builder.info.splits["train"].num_examples == 18
