@@ -51,6 +51,9 @@ class Budget:
     steps: int = 20  # train steps (or batches) per timed repeat
     repeats: int = 3  # the median of these is reported
     warmup: int = 2  # untimed calls first
+    # The rate one accelerator trains at, for "cores of input pipeline per accelerator": a stated
+    # assumption (about what one A100 trains MobileNetV2 at 224 px in mixed precision), not a measurement.
+    accelerator_images_per_sec: float = 2500.0
 
 
 def images_per_sec(run_once: Callable[[], None], images: int) -> float:
@@ -210,6 +213,9 @@ def synthetic_dataset(run, phase):
         shape, dtype = (int(run.model.head.input_shape[-1]),), tf.float32
     elif run.use_frozen_cache(phase):
         shape, dtype = run.split.shape, tf.float32
+    elif config.data.resize_on == "device" and data_lib.streams(run.data) \
+            and not data_lib.source_images_are_small(run.info.image_shape, size):
+        shape, dtype = (size, size, 3), tf.uint8  # streamed: cropped and resized once on the host
     elif config.data.resize_on == "device":
         cached = data_lib.cache_size(config.data, run.info.image_shape, size)
         shape = (cached, cached, run.info.image_shape[2] or 3) if cached else run.info.image_shape
@@ -243,6 +249,16 @@ def time_input(train_data, budget: Budget, images: int) -> dict:
     rates = [images_per_sec(lambda: _drain(iterator, tf.constant(budget.steps)).numpy(), images)
              for _ in range(budget.repeats)]
     return {**summary(rates), "first_batches_seconds": round(first, 3)}
+
+
+def input_cores(input_rate: float, threads: dict, target_rate: float) -> dict:
+    """The input pipeline's images/s per core it ran on, and the cores that would feed `target_rate`.
+
+    The pipeline ran on tf.data's pool: as many cores as it has threads, at most the process's share."""
+    cores = min(threads["tf_data"], threads.get("cpu_share") or os.cpu_count() or 1)
+    per_core = input_rate / cores
+    return {"cores": cores, "images_per_sec_per_core": per_core, "accelerator_images_per_sec": target_rate,
+            "cores_per_accelerator": target_rate / per_core}
 
 
 def time_steps(steps, synthetic, real, budget: Budget, per_call: int, images: int) -> list[tuple[float, float]]:
@@ -312,6 +328,8 @@ def benchmark_phase(run, phase_name: str, budget: Budget, flops: dict, peaks: di
 
     log.info("benchmark %s: input pipeline", phase_name)
     result["input"] = time_input(train_data, budget, images)
+    result["input"].update(input_cores(result["input"]["images_per_sec"], run.threads, budget.accelerator_images_per_sec))
+    result["input"]["cache"] = run.data.cache
     log.info("benchmark %s: train step on a synthetic batch and end to end", phase_name)
     synthetic = iter(synthetic_dataset(run, phase))
     real = iter(train_data)
@@ -345,7 +363,11 @@ def format_table(report: dict) -> str:
         if "feature_extraction" in r:
             e = r["feature_extraction"]
             lines.append(f"  feature extraction (once)   {e['images_per_sec']:10.1f} img/s   {e['images']} images in {e['seconds']} s")
-        lines.append(f"  (a) input pipeline alone    {r['input']['images_per_sec']:10.1f} img/s   repeats {r['input']['repeats']}")
+        i = r["input"]
+        lines.append(f"  (a) input pipeline alone    {i['images_per_sec']:10.1f} img/s   repeats {i['repeats']}, "
+                     f"images cached: {i['cache']}; {i['images_per_sec_per_core']:.1f} img/s per core on {i['cores']:g} "
+                     f"core(s): {i['cores_per_accelerator']:.1f} cores per accelerator at "
+                     f"{i['accelerator_images_per_sec']:g} img/s (assumed)")
         lines.append(f"  (b) train step alone        {r['step']['images_per_sec']:10.1f} img/s   {v['step_ms']:.1f} ms/step, repeats {r['step']['repeats']}")
         lines.append(f"  (c) end to end              {r['e2e']['images_per_sec']:10.1f} img/s   {v['e2e_step_ms']:.1f} ms/step, repeats {r['e2e']['repeats']}")
         lines.append(f"  (d) verdict                 {v['bound']}: {100 * v['input_wait_share']:.1f}% of the step waiting for input "

@@ -35,7 +35,7 @@ from ray.train.collective import broadcast_from_rank_zero
 from ray.train.tensorflow import TensorflowTrainer
 
 from job import COMMAND_START
-from job import storage
+from job import shards, storage
 from job.checkpoints import INDEX, adopt_checkpoint, checkpoint_step, copy_latest_checkpoint
 from job.config import Config, RayConfig
 from job.errors import ConfigError, DeviceError, JobError, Preempted, WorkdirError
@@ -81,7 +81,8 @@ def _report(metrics: dict, checkpoint_dir: Optional[str]) -> None:
         os.makedirs(os.path.join(snapshot, "replicas"))
         with open(os.path.join(snapshot, "replicas", f"rank-{rank}.json"), "w") as f:
             json.dump({**_ATTEMPT, "rank": rank, "step": metrics["step"], "weights_sha256": metrics["weights_sha256"],
-                       "stopped": metrics.get("stopped")}, f)
+                       "stopped": metrics.get("stopped"),
+                       "record_files": sorted(os.path.basename(p) for p in shards.OPENED)}, f)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(snapshot),
                          checkpoint_dir_name=f"checkpoint_step{metrics['step']:07d}")
 

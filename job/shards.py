@@ -100,6 +100,9 @@ def shard_records(ds, input_context=None):
 
 
 _warned = set()
+# Every record file an input pipeline of this process was planned to open: a Ray worker's
+# replica record lists them (job.launch), which shows each worker read only its own.
+OPENED: set = set()
 
 
 def records(files: list[FileSlice], input_context=None, shuffle_seed: Optional[int] = None, what: str = "the data"):
@@ -112,6 +115,7 @@ def records(files: list[FileSlice], input_context=None, shuffle_seed: Optional[i
                     "share (file-level sharding needs at least one file per pipeline; `python -m job prepare` "
                     "writes more)", what, len(files), input_context.num_input_pipelines)
     paths = [f.path for f in chosen.files]
+    OPENED.update(paths)
     ds = tf.data.Dataset.from_tensor_slices((paths, tf.constant([f.skip for f in chosen.files], tf.int64),
                                              tf.constant([f.take for f in chosen.files], tf.int64)))
     if shuffle_seed is not None:

@@ -325,3 +325,26 @@ def test_prepare_on_ray_writes_the_shards_as_tasks(tmp_path):
     assert "ray tasks" in result.stderr  # the engine it ran on, in its log line
     builder = tfds.builder("colours", data_dir=str(tmp_path / "data"))
     assert builder.info.splits["train"].num_examples == 18
+
+
+@pytest.mark.ray
+def test_two_ray_workers_train_on_a_prepared_dataset_in_a_bucket_each_reading_its_own_files(prepared, s3_env, tmp_path):
+    tree, _, _ = prepared
+    bucket = s3_env.bucket()
+    result = run_job("prepare", str(tree), f"s3://{bucket}/data", "--name", "colours", "--min-shards", "4",
+                     env=s3_env.env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    workdir, storage = tmp_path / "run", tmp_path / "ray"
+    result = run_job("train", "configs/tiny.yaml", *tiny(
+        f"data.data_dir=s3://{bucket}/data", "data.name=colours", "data.train_split=train", "data.val_split=validation",
+        "model.image_size=32", "train.batch_size=8", "checkpoint.every_steps=1000", "ray.enabled=true",
+        "ray.num_workers=2", "ray.cpus_per_worker=1", f"ray.storage_path={storage}", "ray.name=colours"),
+        f"workdir={workdir}", env={**s3_env.env, "RAY_ADDRESS": ""}, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    from tests.ray_helpers import local_replica_records
+
+    records = {r["rank"]: set(r["record_files"]) for r in local_replica_records(storage / "colours")}
+    assert set(records) == {0, 1}
+    train = {rank: {f for f in files if "-train." in f} for rank, files in records.items()}
+    assert train[0] == {f"colours-train.tfrecord-{i:05d}-of-00004" for i in (0, 2)}
+    assert train[1] == {f"colours-train.tfrecord-{i:05d}-of-00004" for i in (1, 3)}
