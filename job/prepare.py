@@ -30,6 +30,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from typing import Optional
 
 from job import storage
@@ -174,7 +175,7 @@ def write_shard(shard: Shard, name: str, data_dir: str, classes: tuple) -> dict:
     """Write one shard (skipped if a previous run finished it); its record: count, bytes, unreadable files."""
     record_location = _record_path(data_dir, name, shard)
     if _exists(record_location):
-        return json.loads(_read(record_location))
+        return {**json.loads(_read(record_location)), "kept": True}
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
@@ -234,16 +235,35 @@ def write_metadata(name: str, data_dir: str, classes: tuple, records: dict[str, 
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+class _Progress:
+    """A bar on a terminal; elsewhere (a log file, a Ray job) a line at every tenth of the shards."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="prepare", unit="shard", disable=None)
+        self.total, self.done, self.images, self.started = total, 0, 0, time.monotonic()
+
+    def update(self, record: dict) -> None:
+        self.done += 1
+        self.images += record["count"]
+        if self.bar.disable and (self.done * 10 // self.total > (self.done - 1) * 10 // self.total):
+            log.info("prepare: %d/%d shards, %d images, %.0f images/s", self.done, self.total, self.images,
+                     self.images / max(time.monotonic() - self.started, 1e-9))
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _run_shards(shards: list[Shard], name: str, data_dir: str, classes: tuple, config) -> list[dict]:
     """Every shard's record: as Ray tasks on the cluster with ray.enabled, else in this process."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(shards), desc="prepare", unit="shard", disable=None)
+    bar = _Progress(len(shards))
     if not config.ray.enabled:
         records = []
         for shard in shards:
             records.append(write_shard(shard, name, data_dir, classes))
-            bar.update()
+            bar.update(records[-1])
         bar.close()
         return records
     import ray
@@ -260,8 +280,9 @@ def _run_shards(shards: list[Shard], name: str, data_dir: str, classes: tuple, c
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
-                records[pending.pop(ref)] = ray.get(ref)
-                bar.update()
+                index = pending.pop(ref)
+                records[index] = ray.get(ref)
+                bar.update(records[index])
         bar.close()
         return records
     finally:
@@ -282,6 +303,9 @@ def prepare(image_dir: str, data_dir: str, name: str, config, shard_mb: float = 
     by_split: dict[str, list[dict]] = {}
     for shard, record in zip(shards, records):
         by_split.setdefault(shard.split, []).append(record)
+    kept = sum(1 for record in records if record.get("kept"))
+    if kept:
+        log.info("prepare: %d of %d shards were written by an earlier run and are kept", kept, len(records))
     unreadable = [path for record in records for path in record["unreadable"]]
     if unreadable:
         log.warning("prepare: %d file(s) do not decode and were skipped: %s", len(unreadable), ", ".join(unreadable))

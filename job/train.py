@@ -162,7 +162,7 @@ class Run:
                                              input_signature=[tf.TensorSpec([None, *self.split.shape], tf.float32)])
         head = self.phases[0]
         self.features_fit = not (self.use_feature_cache(head) and head.steps > 0) or self._fits(
-            "backbone features", int(self.model.features.output.shape[-1]) * 4, head.config.subset,
+            "backbone features", int(self.model.head.input_shape[-1]) * 4, head.config.subset,
             self.augment(head) == "flip", "head on images")
 
     def _fits(self, what: str, bytes_per_image: int, subset: float, mirrored: bool, instead: str) -> bool:
