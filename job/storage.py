@@ -46,12 +46,34 @@ def join(location: str, *parts: str) -> str:
     return "/".join([location.rstrip("/"), *(p.strip("/") for p in parts if p)])
 
 
+def _gcs_emulator(uri: str):
+    """(GcsFileSystem, path) on the endpoint STORAGE_EMULATOR_HOST names, or None.
+
+    STORAGE_EMULATOR_HOST (`http://host:port`, or `host:port`) is the variable Google's own
+    client libraries honour for an emulator (fake-gcs-server) or a private GCS-compatible
+    endpoint; requests then go there anonymously, over its scheme (http when none is given).
+    """
+    from urllib.parse import urlsplit
+
+    from pyarrow import fs
+
+    host = os.environ.get("STORAGE_EMULATOR_HOST", "").strip()
+    if not host or not uri.startswith("gs://"):
+        return None
+    endpoint = urlsplit(host if "://" in host else f"http://{host}")
+    if not endpoint.netloc:
+        raise ValueError(f"STORAGE_EMULATOR_HOST={host!r} is not http(s)://host:port")
+    store = fs.GcsFileSystem(anonymous=True, scheme=endpoint.scheme, endpoint_override=endpoint.netloc,
+                             retry_time_limit=datetime.timedelta(seconds=15))
+    return store, uri[len("gs://"):].rstrip("/")
+
+
 def filesystem(uri: str):
-    """(pyarrow FileSystem, path within it) for a URI."""
+    """(pyarrow FileSystem, path within it) for a URI; gs:// goes to STORAGE_EMULATOR_HOST when it is set."""
     from pyarrow import fs
 
     try:
-        return fs.FileSystem.from_uri(uri)
+        return _gcs_emulator(uri) or fs.FileSystem.from_uri(uri)
     except Exception as err:  # noqa: BLE001 - unknown scheme, bad URI, missing credentials...
         raise WorkdirError(f"{uri!r}: cannot open ({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
 
