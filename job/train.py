@@ -524,15 +524,16 @@ def train_and_evaluate(config: Config, workdir: Optional[Workdir] = None, report
         if own:  # a remote workdir's checkpoints and history into local scratch (no-op for a path)
             workdir.pull("checkpoints")
             workdir.pull("summary.json")
-        previous = None
+        previous, changes = None, []
         if own:  # a launcher (job.launch) checks these before any worker starts
             previous = read_previous(workdir)[0]
-            for change in check_resume(workdir, config, run.global_batch):
-                log.info("resuming with a changed setting: %s", change)
-        # What the checkpoint holds against what these settings need: refused or named before
-        # anything is written or restored (job.resume).
+            changes = check_resume(workdir, config, run.global_batch)
+        # What the checkpoint holds against what these settings need: refused (one line) or
+        # named before anything is written or restored (job.resume).
         source = restore_from or workdir.path("checkpoints")
         fresh = check_saved_state(run, source, previous, workdir.location)
+        for change in changes:
+            log.info("resuming with a changed setting: %s", change)
         checkpoints = stack.enter_context(Checkpoints(
             run.checkpoint(), workdir.path("checkpoints"), config.checkpoint.keep, run.chief))
         if isinstance(run.strategy, tf.distribute.MultiWorkerMirroredStrategy):
