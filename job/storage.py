@@ -1,11 +1,12 @@
 """Where a run's files live: a local or NFS path, or an object-store URI (s3://, gs://).
 
 TensorFlow 2.21 writes checkpoints, summaries and profiles to local paths only (its gfile
-has gs:// but no s3://), so with a URI every process writes into node-local scratch and
-mirrors what it wrote to the URI through pyarrow.fs (shipped with Ray; it honours the
-standard AWS variables, AWS_ENDPOINT_URL included, so MinIO, Ceph and R2 work too). With a
-local path, `Workdir.local` is the path itself and every push and pull does nothing: one code
-path for both.
+has gs:// but no s3://, and its gs:// ignores STORAGE_EMULATOR_HOST), so with a URI every
+process writes into node-local scratch and mirrors what it wrote to the URI through
+pyarrow.fs (shipped with Ray; it honours the standard AWS variables, AWS_ENDPOINT_URL
+included, so MinIO, Ceph and R2 work too; gs:// goes to the endpoint STORAGE_EMULATOR_HOST
+names when it is set). With a local path, `Workdir.local` is the path itself and every push
+and pull does nothing: one code path for both.
 
 A URI never goes through os.path (`os.path.abspath("s3://b/x")` is `<cwd>/s3:/b/x`).
 """
