@@ -112,7 +112,7 @@ def check_saved_state(run, directory: str, previous: Optional[dict], location: s
     differences = layout_differences(saved, needed)
     if not differences:
         return frozenset()
-    settings = "; ".join(_settings_shaping(run, previous, needed)) or "settings changed since (the workdir has no config.yaml to name them)"
+    settings = "; ".join(_settings_shaping(run, previous, needed)) or "settings changed since it was saved"
     what = "; ".join(f"{name}: {why}" for name, why in differences.items())
     name_of = os.path.basename(path)
     phases = {phase.name: phase for phase in run.phases}
