@@ -148,6 +148,10 @@ class TrainConfig(_Section):
     # reads on/off as booleans.)
     cache_features: Union[Literal["auto"], bool] = "auto"
     seed: int = 0
+    # A resume whose checkpoint holds an optimizer's state for other settings (another
+    # optimizer, unfreeze depth, loss scaling) in a phase under way: true restores the weights
+    # and starts that optimizer fresh; false refuses (job.resume, README "Resuming").
+    reset_optimizer: bool = False
 
 
 class CheckpointConfig(_Section):

@@ -1,9 +1,10 @@
 """python -m job tensorboard WORKDIR: TensorBoard on a workdir, local or remote, while it runs.
 
-A local path (or NFS) and gs:// go to TensorBoard as they are (TensorFlow's filesystem reads
-gs://). TensorBoard cannot read s3:// (TensorFlow 2.21 has no S3 filesystem), so for any
-other URI the workdir's tensorboard/ folder is mirrored into a local folder every `every`
-seconds (new and grown files only) while TensorBoard serves that folder.
+A local path (or NFS) goes to TensorBoard as it is. A URI's tensorboard/ folder is mirrored
+into a local folder every `every` seconds (new and grown files only) through the job's own
+storage (job.storage) while TensorBoard serves that folder: TensorBoard cannot read s3://
+(TensorFlow 2.21 has no S3 filesystem), and its gs:// reader (TensorFlow's) knows neither
+STORAGE_EMULATOR_HOST nor a private endpoint, so gs:// is mirrored the same way.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def _sync(workdir: storage.Workdir, every: float, stop: threading.Event) -> None
 def follow(location: str, host: str, port: int, every: float) -> int:
     """Run TensorBoard on `location`'s tensorboard/ folder until interrupted; its exit status."""
     tensorboard = [os.path.join(os.path.dirname(sys.executable), "tensorboard"), "--host", host, "--port", str(port)]
-    if not storage.is_uri(location) or location.startswith("gs://"):
+    if not storage.is_uri(location):
         return subprocess.call([*tensorboard, "--logdir", storage.join(location, "tensorboard")])
     workdir = storage.Workdir.open(location)
     stop = threading.Event()

@@ -1,11 +1,12 @@
 """Where a run's files live: a local or NFS path, or an object-store URI (s3://, gs://).
 
 TensorFlow 2.21 writes checkpoints, summaries and profiles to local paths only (its gfile
-has gs:// but no s3://), so with a URI every process writes into node-local scratch and
-mirrors what it wrote to the URI through pyarrow.fs (shipped with Ray; it honours the
-standard AWS variables, AWS_ENDPOINT_URL included, so MinIO, Ceph and R2 work too). With a
-local path, `Workdir.local` is the path itself and every push and pull does nothing: one code
-path for both.
+has gs:// but no s3://, and its gs:// ignores STORAGE_EMULATOR_HOST), so with a URI every
+process writes into node-local scratch and mirrors what it wrote to the URI through
+pyarrow.fs (shipped with Ray; it honours the standard AWS variables, AWS_ENDPOINT_URL
+included, so MinIO, Ceph and R2 work too; gs:// goes to the endpoint STORAGE_EMULATOR_HOST
+names when it is set). With a local path, `Workdir.local` is the path itself and every push
+and pull does nothing: one code path for both.
 
 A URI never goes through os.path (`os.path.abspath("s3://b/x")` is `<cwd>/s3:/b/x`).
 """
@@ -46,12 +47,34 @@ def join(location: str, *parts: str) -> str:
     return "/".join([location.rstrip("/"), *(p.strip("/") for p in parts if p)])
 
 
+def _gcs_emulator(uri: str):
+    """(GcsFileSystem, path) on the endpoint STORAGE_EMULATOR_HOST names, or None.
+
+    STORAGE_EMULATOR_HOST (`http://host:port`, or `host:port`) is the variable Google's own
+    client libraries honour for an emulator (fake-gcs-server) or a private GCS-compatible
+    endpoint; requests then go there anonymously, over its scheme (http when none is given).
+    """
+    from urllib.parse import urlsplit
+
+    from pyarrow import fs
+
+    host = os.environ.get("STORAGE_EMULATOR_HOST", "").strip()
+    if not host or not uri.startswith("gs://"):
+        return None
+    endpoint = urlsplit(host if "://" in host else f"http://{host}")
+    if not endpoint.netloc:
+        raise ValueError(f"STORAGE_EMULATOR_HOST={host!r} is not http(s)://host:port")
+    store = fs.GcsFileSystem(anonymous=True, scheme=endpoint.scheme, endpoint_override=endpoint.netloc,
+                             retry_time_limit=datetime.timedelta(seconds=15))
+    return store, uri[len("gs://"):].rstrip("/")
+
+
 def filesystem(uri: str):
-    """(pyarrow FileSystem, path within it) for a URI."""
+    """(pyarrow FileSystem, path within it) for a URI; gs:// goes to STORAGE_EMULATOR_HOST when it is set."""
     from pyarrow import fs
 
     try:
-        return fs.FileSystem.from_uri(uri)
+        return _gcs_emulator(uri) or fs.FileSystem.from_uri(uri)
     except Exception as err:  # noqa: BLE001 - unknown scheme, bad URI, missing credentials...
         raise WorkdirError(f"{uri!r}: cannot open ({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
 

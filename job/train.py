@@ -39,7 +39,7 @@ from job.model import TransferModel, build_model, set_backbone_trainable
 from job.periodic import Every, chunk_length
 from job.preemption import StopRequests, TfPreemptionNotice
 from job.preprocess import model_input_fn
-from job.resume import check_resume, write_run_files
+from job.resume import check_resume, check_saved_state, read_previous, start_fresh, write_run_files
 from job.storage import Workdir
 from job.step import (CORRECT, LOSS, SKIPPED, STOP, Phase, StepFunctions, global_batch_size, learning_rate_scale,
                       make_optimizer)
@@ -560,9 +560,16 @@ def train_and_evaluate(config: Config, workdir: Optional[Workdir] = None, report
         if own:  # a remote workdir's checkpoints and history into local scratch (no-op for a path)
             workdir.pull("checkpoints")
             workdir.pull("summary.json")
+        previous, changes = None, []
         if own:  # a launcher (job.launch) checks these before any worker starts
-            for change in check_resume(workdir, config, run.global_batch):
-                log.info("resuming with a changed setting: %s", change)
+            previous = read_previous(workdir)[0]
+            changes = check_resume(workdir, config, run.global_batch)
+        # What the checkpoint holds against what these settings need: refused (one line) or
+        # named before anything is written or restored (job.resume).
+        source = restore_from or workdir.path("checkpoints")
+        fresh = check_saved_state(run, source, previous, workdir.location)
+        for change in changes:
+            log.info("resuming with a changed setting: %s", change)
         checkpoints = stack.enter_context(Checkpoints(
             run.checkpoint(), workdir.path("checkpoints"), config.checkpoint.keep, run.chief))
         if isinstance(run.strategy, tf.distribute.MultiWorkerMirroredStrategy):
@@ -576,8 +583,9 @@ def train_and_evaluate(config: Config, workdir: Optional[Workdir] = None, report
                      ", ".join(run.devices), type(run.strategy).__name__, run.replicas, t["intra_op"], t["inter_op"],
                      t["tf_data"], t["from"])
             log.info("%s", run.cache_statement())
-        restored = checkpoints.restore_latest(restore_from or workdir.path("checkpoints"))
+        restored = checkpoints.restore_latest(source, fresh)
         if restored:
+            start_fresh(run, fresh)
             log.info("resumed from %s at step %d", restored, run.global_step)
         try:
             for phase in run.phases:

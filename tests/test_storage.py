@@ -1,8 +1,11 @@
-"""Workdirs in object storage, on a real S3-protocol server (moto_server) on 127.0.0.1.
+"""Workdirs in object storage, on a real S3-protocol server (moto_server) and a real
+GCS-protocol server (fake-gcs-server) on 127.0.0.1.
 
-The job reaches it as it reaches AWS, MinIO or R2: through the standard AWS variables,
-AWS_ENDPOINT_URL included. One run writes into s3:// from node-local scratch; a rerun with
-no scratch at all resumes from the bucket; `evaluate` and `python -m job tensorboard` read it.
+The job reaches the first as it reaches AWS, MinIO or R2: through the standard AWS variables,
+AWS_ENDPOINT_URL included; the second as Google's client libraries reach an emulator or a
+private endpoint: through STORAGE_EMULATOR_HOST. One run writes into s3:// (gs://) from
+node-local scratch; a rerun with no scratch at all resumes from the bucket; `evaluate` and
+`python -m job tensorboard` read it. `pytest -k gcs` runs the gs:// ones.
 """
 
 from __future__ import annotations
@@ -145,4 +148,134 @@ def test_a_missing_bucket_is_one_line_and_writes_nothing(s3_env, real_env, tmp_p
     result = run_job("train", "configs/tiny.yaml", *tiny(), "workdir=s3://no-such-bucket/run", env={**s3_env.env, **real_env})
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip() == ("error: workdir='s3://no-such-bucket/run': bucket 'no-such-bucket' does not "
+                                     "exist (or is not visible with these credentials)")
+
+
+# --- gs:// on fake-gcs-server: the same tests -------------------------------------------------
+
+def test_gcs_push_sends_changes_mirrors_deletions_and_pull_restores(gcs_env):
+    bucket = gcs_env.bucket()
+    workdir = Workdir.open(f"gs://{bucket}/run")
+    os.makedirs(workdir.path("checkpoints"))
+    for name, text in [("ckpt-1.index", "a"), ("ckpt-1.data", "b"), ("checkpoint", "ckpt-1")]:
+        with open(workdir.path("checkpoints", name), "w") as f:
+            f.write(text)
+    workdir.push("checkpoints", mirror=True, last=("checkpoint",))
+    os.remove(workdir.path("checkpoints", "ckpt-1.data"))
+    workdir.push("checkpoints", mirror=True)
+    assert gcs_env.keys(bucket) == ["run/checkpoints/checkpoint", "run/checkpoints/ckpt-1.index"]
+    workdir.close()
+
+    fresh = Workdir.open(f"gs://{bucket}/run")
+    assert fresh.pull("checkpoints") and open(fresh.path("checkpoints", "checkpoint")).read() == "ckpt-1"
+    assert not fresh.pull("tensorboard")
+    fresh.close()
+
+
+def test_gcs_lease_refuses_a_live_run_and_takes_over_a_dead_one(gcs_env):
+    bucket = gcs_env.bucket()
+    workdir = Workdir.open(f"gs://{bucket}/run")
+    with RemoteLease(workdir) as first:
+        with pytest.raises(WorkdirBusy, match=rf"in use by run {first.record['run']} \(host {socket.gethostname()}, "
+                                              rf"pid {os.getpid()}"):
+            RemoteLease(Workdir.open(f"gs://{bucket}/run")).__enter__()
+    assert gcs_env.keys(bucket) == []  # released
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = RemoteLease(workdir)
+    stale.record["pid"] = dead.pid
+    stale._write()
+    with RemoteLease(workdir) as second:
+        assert json.loads(gcs_env.read(bucket, "run/.lock.json"))["run"] == second.record["run"]
+
+
+def test_gcs_emulator_host_without_a_scheme_is_http(monkeypatch, gcs):
+    from job.storage import filesystem
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.url.removeprefix("http://"))
+    bucket = gcs.bucket()
+    store, path = filesystem(f"gs://{bucket}/x/")
+    assert path == f"{bucket}/x" and store.get_file_info(bucket).type.name == "Directory"
+
+
+@pytest.fixture(scope="module")
+def gcs_run(gcs, tmp_path_factory):
+    """s3_run on gs://: one real run, then the same command with one more fine-tune epoch from no scratch."""
+    if not (DATASETS / "cifar10").is_dir() or not WEIGHTS.is_file():
+        pytest.skip(f"offline CIFAR-10 and weights not found under {DATASETS.parent}")
+    bucket = gcs.bucket()
+    scratch = tmp_path_factory.mktemp("scratch")
+    env = {**gcs.env, "TFDS_DATA_DIR": str(DATASETS), "KERAS_HOME": str(KERAS_HOME), "TMPDIR": str(scratch)}
+    args = ["train", "configs/tiny.yaml", *tiny("model.image_size=64", "telemetry.profile_steps=[1,3]"),
+            f"workdir=gs://{bucket}/runs/tiny"]
+    first = run_job(*args, env=env, check=True)
+    keys_after_first = gcs.keys(bucket)
+    leftovers = sorted(os.listdir(scratch))
+    second = run_job(*args, "train.finetune.epochs=2", env=env, check=True)
+    return bucket, env, first, second, keys_after_first, leftovers
+
+
+@pytest.mark.real_data
+def test_a_run_into_gcs_leaves_everything_in_the_bucket(gcs_run):
+    bucket, _, first, _, keys, leftovers = gcs_run
+    assert json.loads(first.stdout.strip().splitlines()[-1])["step"] == 16
+    prefix = "runs/tiny/"
+    names = [k[len(prefix):] for k in keys]
+    assert {"config.yaml", "summary.json", "checkpoints/checkpoint", "checkpoints/ckpt-16.index",
+            "run.json", "export/model.keras", "export/saved_model/saved_model.pb"} <= set(names), names
+    assert any(re.fullmatch(r"tensorboard/train/events\.out\.tfevents\..*", n) for n in names)
+    assert any(re.fullmatch(r"tensorboard/validation/events\.out\.tfevents\..*", n) for n in names)
+    assert any(re.fullmatch(r"tensorboard/train/plugins/profile/[^/]+/[^/]+\.xplane\.pb", n) for n in names)
+    assert ".lock.json" not in names
+    assert len([n for n in names if n.startswith("checkpoints/ckpt-") and n.endswith(".index")]) <= 3
+    assert leftovers == []
+
+
+@pytest.mark.real_data
+def test_a_gcs_rerun_without_scratch_resumes_from_the_bucket(gcs_run, gcs):
+    bucket, _, _, second, _, _ = gcs_run
+    assert re.search(r"resumed from \S+/checkpoints/ckpt-16 at step 16", second.stderr), second.stderr[-3000:]
+    summary = json.loads(gcs.read(bucket, "runs/tiny/summary.json"))
+    assert summary["step"] == 24 and summary["status"] == "finished"
+    assert [row["step"] for row in summary["validation_history"]] == [8, 16, 24]
+
+
+@pytest.mark.real_data
+def test_evaluate_and_export_read_the_model_back_from_gcs(gcs_run, gcs):
+    bucket, env, _, second, _, _ = gcs_run
+    workdir = [f"workdir=gs://{bucket}/runs/tiny", *tiny("model.image_size=64")]
+    result = run_job("evaluate", "configs/tiny.yaml", *workdir, "data.eval_split=train[49872:]", env=env, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    final = json.loads(second.stdout.strip().splitlines()[-1])["final_val_accuracy"]
+    assert report["examples"] == 128 and report["accuracy"] == pytest.approx(final, abs=1e-6)
+    before = gcs.keys(bucket, "runs/tiny/export/")
+    exported = run_job("export", "configs/tiny.yaml", *workdir, env=env, check=True)
+    assert "ckpt-24" in exported.stderr, exported.stderr[-3000:]
+    assert "runs/tiny/export/model.keras" in before and gcs.keys(bucket, "runs/tiny/export/") == before
+
+
+@pytest.mark.real_data
+def test_tensorboard_command_follows_a_gcs_workdir(gcs_run):
+    bucket, env, *_ = gcs_run
+    port = free_port()
+    board = subprocess.Popen([sys.executable, "-m", "job", "tensorboard", f"gs://{bucket}/runs/tiny", "--port", str(port),
+                              "--every", "5"], cwd=REPO, env=job_env(env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        tags = http_json(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", deadline)
+        while "finetune/loss" not in tags.get("train", {}) and time.monotonic() < deadline:
+            tags = http_json(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", deadline)
+        assert "finetune/loss" in tags["train"] and "finetune/accuracy" in tags["validation"]
+        runs = http_json(f"http://127.0.0.1:{port}/data/plugin/profile/runs", deadline)
+        assert any(r.startswith("train/") for r in runs), runs
+    finally:
+        board.terminate()
+        board.wait(timeout=60)
+
+
+@pytest.mark.real_data
+def test_a_missing_gcs_bucket_is_one_line_and_writes_nothing(gcs_env, real_env):
+    result = run_job("train", "configs/tiny.yaml", *tiny(), "workdir=gs://no-such-bucket/run", env={**gcs_env.env, **real_env})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip() == ("error: workdir='gs://no-such-bucket/run': bucket 'no-such-bucket' does not "
                                      "exist (or is not visible with these credentials)")
