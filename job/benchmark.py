@@ -9,8 +9,11 @@ as the median of repeats, it measures:
   e2e    the two together, exactly as `train` runs them (`Run.step_functions`, chunks of
          train.steps_per_call steps).
 From these: the share of the end-to-end step spent waiting for input (1 - step/e2e time)
-and a verdict, model FLOPs per image and the FLOP/s achieved next to a matmul measured on
-the same machine in the same dtype, and the settings that took effect (strategy, replicas,
+and a verdict; the FLOPs per image of what the phase's step computes (forward of the layers
+that run, backward of what is trained and of what lies above it: `step_flops`) and the FLOP/s
+achieved, next to the best of TensorFlow matmuls of several sizes in the same dtype measured
+before and after the phases (with their spread; a utilization above 100% is flagged as a
+failed peak measurement, never printed as a result); and the settings that took effect (strategy, replicas,
 precision, XLA as compiled into the traced step, where resizing runs, feature caching).
 With --profile, a few end-to-end steps are also traced with the TensorFlow profiler and the
 input wait is read from that trace. Prints a table, writes <workdir>/benchmark.json.
@@ -51,6 +54,9 @@ class Budget:
     steps: int = 20  # train steps (or batches) per timed repeat
     repeats: int = 3  # the median of these is reported
     warmup: int = 2  # untimed calls first
+    # Square matmul sizes for the peak, each timed `matmul_repeats` times before and after the phases.
+    matmul_sizes: tuple = (1024, 2048, 4096)
+    matmul_repeats: int = 3
 
 
 def images_per_sec(run_once: Callable[[], None], images: int) -> float:
@@ -119,8 +125,8 @@ def effective_settings(run, steps, iterator, cached: bool, per_call: int) -> dic
 
 
 # --- FLOPs ---------------------------------------------------------------------------
-def forward_flops(model: keras.Model, input_shape: tuple) -> int:
-    """FLOPs of one image through `model` (inference), counted by TensorFlow's profiler."""
+def _profiled_ops(model: keras.Model, input_shape: tuple) -> list[tuple[str, int]]:
+    """(op name, FLOPs) of one image through `model` (inference), counted by TensorFlow's profiler."""
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     concrete = tf.function(lambda x: model(x, training=False)).get_concrete_function(
@@ -132,39 +138,144 @@ def forward_flops(model: keras.Model, input_shape: tuple) -> int:
     level = tf_log.level
     tf_log.setLevel(logging.ERROR)  # the v1 profiler warns that it is v1
     try:
-        return int(tf.compat.v1.profiler.profile(graph, options=options).total_float_ops)
+        root = tf.compat.v1.profiler.profile(graph, options=options)
     finally:
         tf_log.setLevel(level)
+    ops, stack = [], [root]
+    while stack:
+        node = stack.pop()
+        if node.float_ops:
+            ops.append((node.name, int(node.float_ops)))
+        stack.extend(node.children)
+    return ops
 
 
-def model_flops(config: Config, num_classes: int) -> dict:
-    """Forward FLOPs per image of backbone and head, and of a train step per phase.
+def forward_flops(model: keras.Model, input_shape: tuple) -> int:
+    """FLOPs of one image through `model` (inference), counted by TensorFlow's profiler."""
+    return sum(flops for _, flops in _profiled_ops(model, input_shape))
 
-    A fresh float32 copy outside any strategy: FLOPs depend on shapes, not weights or dtype.
-    Train FLOPs follow the usual model-FLOPs convention: backward = 2x forward for what
-    is trained, so the fine-tune step is 3x forward (an upper bound when only the top
-    layers are unfrozen); a frozen backbone only runs forward.
+
+def layer_forward_flops(model: keras.Model, input_shape: tuple) -> dict:
+    """{layer name: forward FLOPs of one image} for the layers of `model` (nested models' layers
+    by their own names), from the profiler's ops and the Keras layer name scope each op sits in
+    (`<layer>` or `<layer>_<n>`; the innermost layer wins). Ops in no layer's scope: key None."""
+    names = {layer.name for layer in _layers(model)}
+    per_layer: dict = {}
+    for op, flops in _profiled_ops(model, input_shape):
+        owner = None
+        for part in op.split("/")[:-1]:
+            base = re.sub(r"_\d+$", "", part)
+            owner = part if part in names else base if base in names else owner
+        per_layer[owner] = per_layer.get(owner, 0) + flops
+    return per_layer
+
+
+def _layers(model: keras.Model) -> list:
+    """The layers of `model` in order, nested functional models replaced by their own layers."""
+    result = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            result.extend(_layers(layer))
+        elif not isinstance(layer, keras.layers.InputLayer):
+            result.append(layer)
+    return result
+
+
+def _producers(layer) -> list:
+    return [t._keras_history.operation for node in layer._inbound_nodes for t in node.input_tensors]
+
+
+def step_flops(layers: list, forward: dict, runs_from: int = 0) -> dict:
+    """FLOPs of one image through a train step over `layers` (in order, as `trainable` as the
+    phase sets them), those below index `runs_from` not running at all (their output cached).
+
+    Forward: every layer that runs. Backward: the weight gradient of every trained layer (a
+    convolution's or matmul's kernel gradient costs what its forward does) and the input
+    gradient (again about its forward's cost) of every layer reading a tensor that a gradient
+    flows back through, i.e. every layer above a trained one. Nothing below the lowest trained
+    layer, nor that layer's own input gradient. With every layer trained this is the usual
+    3x forward, less the first layer's input gradient.
     """
+    position = {id(layer): i for i, layer in enumerate(layers)}
+    carries = set()  # ids of layers whose output a gradient flows back through
+    fwd = weights = inputs = 0
+    lowest = None
+    for i, layer in enumerate(layers):
+        # A tensor from outside `layers` (a nested model's input) comes from the layer before.
+        sources = {id(p) if id(p) in position else id(layers[i - 1]) for p in _producers(layer)} if i else set()
+        trained, upstream = bool(layer.trainable_weights), bool(sources & carries)
+        if trained or upstream:
+            carries.add(id(layer))
+        if i < runs_from:
+            continue
+        flops = forward.get(layer.name, 0)
+        fwd += flops
+        inputs += flops if upstream else 0
+        weights += flops if trained else 0
+        lowest = lowest or (layer.name if trained else None)
+    return {"forward": fwd, "backward_weights": weights, "backward_inputs": inputs, "train": fwd + weights + inputs,
+            "lowest_trained": lowest}
+
+
+def model_flops(config: Config, num_classes: int, phases: list) -> dict:
+    """Forward FLOPs per image of backbone and head, and what a train step computes per phase.
+
+    `phases`: (name, inputs, unfreeze); inputs "images", "features" (the head on cached
+    features) or "activations" (the top, on cached activations of the frozen bottom);
+    unfreeze False (frozen backbone) or train.finetune.unfreeze. A fresh float32 copy outside
+    any strategy: FLOPs depend on shapes, not on weights or dtype. Counted on the stock Keras
+    layers: a folded BatchNorm (model.fold_batchnorm) is counted as the layer it replaces.
+    """
+    from job.model import first_trainable_layer, set_backbone_trainable
+
     size = config.model.image_size
     model = build_model(config.model, num_classes, "float32", weights="none")
-    backbone = forward_flops(model.extractor, (size, size, 3))
-    head = forward_flops(model.head, tuple(model.head.input_shape[1:]))
-    return {"forward_backbone": backbone, "forward_head": head,
-            "train_head_cached": 3 * head, "train_head": backbone + 3 * head, "train_finetune": 3 * (backbone + head)}
+    backbone = layer_forward_flops(model.extractor, (size, size, 3))
+    head = layer_forward_flops(model.head, tuple(model.head.input_shape[1:]))
+    result = {"forward_backbone": sum(backbone.values()), "forward_head": sum(head.values()),
+              # FLOPs of ops in no layer's name scope: not attributed, so not counted in a phase.
+              "outside_layers": backbone.get(None, 0) + head.get(None, 0), "phases": {}}
+    layers = _layers(model.extractor) + _layers(model.head)
+    names = [layer.name for layer in layers]
+    for name, inputs, unfreeze in phases:
+        set_backbone_trainable(model, unfreeze)
+        if inputs == "features":
+            runs_from = names.index(model.head.layers[1].name)
+        elif inputs == "activations":
+            runs_from = names.index(model.backbone.layers[first_trainable_layer(model.backbone, unfreeze)].name)
+        else:
+            runs_from = 0
+        result["phases"][name] = {"inputs": inputs, "unfreeze": unfreeze, "runs_from": names[runs_from],
+                                  **step_flops(layers, {**backbone, **head}, runs_from)}
+    return result
 
 
-def matmul_flops_per_sec(dtype: str, n: int = 2048, repeats: int = 5) -> float:
-    """A large matmul in `dtype` on this machine: the practical peak to compare against."""
-    a = tf.cast(tf.random.normal([n, n]), dtype)
-    b = tf.cast(tf.random.normal([n, n]), dtype)
+def matmul_rates(dtype: str, sizes: tuple, repeats: int) -> list[tuple[int, float]]:
+    """(size, FLOP/s) of TensorFlow's own matmul kernel in `dtype` on this machine: `repeats`
+    timed runs of each square size after an untimed one."""
     matmul = tf.function(tf.matmul)
-    matmul(a, b).numpy()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    rates = []
+    for n in sizes:
+        a = tf.cast(tf.random.normal([n, n]), dtype)
+        b = tf.cast(tf.random.normal([n, n]), dtype)
         matmul(a, b).numpy()
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            matmul(a, b).numpy()
+            rates.append((n, 2 * n**3 / (time.perf_counter() - start)))
+    return rates
+
+
+def peak_summary(dtype: str, rates: list[tuple[int, float]]) -> dict:
+    """The peak to compare a step against: the best of every size and repeat (measured before
+    and after the phases, so one busy stretch of a shared machine does not lower it), with
+    the spread (median, slowest) that says how busy the machine was, and the best per size."""
+    values = [r for _, r in rates]
+    by_size: dict = {}
+    for n, r in rates:
+        by_size[str(n)] = max(by_size.get(str(n), 0.0), r)
+    return {"dtype": dtype, "best": max(values), "median": statistics.median(values), "min": min(values),
+            "runs": len(values), "best_by_size": by_size}
 
 
 # --- the profiler's view ---------------------------------------------------------------
@@ -274,12 +385,23 @@ def verdict(pairs: list[tuple[float, float]], input_rate: float, batch: int, pro
             "e2e_step_ms": 1000 * batch / e2e_rate}
 
 
-def flops_row(flops: dict, phase_name: str, cached: bool, step_rate: float, e2e_rate: float, peak: float) -> dict:
-    """(e) Model FLOPs per image and the FLOP/s achieved, next to the measured matmul peak."""
-    key = "train_head_cached" if cached else f"train_{phase_name}"
-    forward = flops["forward_head"] if cached else flops["forward_backbone"] + flops["forward_head"]
-    return {"forward_per_image": forward, "train_per_image": flops[key], "achieved_step": flops[key] * step_rate,
-            "achieved_e2e": flops[key] * e2e_rate, "matmul_peak": peak, "utilization_step": flops[key] * step_rate / peak}
+def flops_row(phase_flops: dict, step_rate: float, e2e_rate: float, peak: dict) -> dict:
+    """(e) FLOPs per image of what the phase's step computes, and the FLOP/s achieved next to
+    the measured matmul peak. A utilization above 1 means the peak was not a peak (the
+    machine was busy whenever it was measured): flagged, never printed as a plain number."""
+    train = phase_flops["train"]
+    utilization = train * step_rate / peak["best"]
+    if utilization > 1:
+        log.warning("the %s train step reached %.1f%% of the measured %s matmul peak: the peak measurement failed "
+                    "(machine busy while it ran: best %.3g, median %.3g, slowest %.3g FLOP/s); its utilization "
+                    "is not meaningful", phase_flops.get("name", "phase"), 100 * utilization, peak["dtype"],
+                    peak["best"], peak["median"], peak["min"])
+    return {"forward_per_image": phase_flops["forward"], "train_per_image": train,
+            "backward_weights_per_image": phase_flops["backward_weights"],
+            "backward_inputs_per_image": phase_flops["backward_inputs"], "lowest_trained": phase_flops["lowest_trained"],
+            "runs_from": phase_flops["runs_from"], "achieved_step": train * step_rate, "achieved_e2e": train * e2e_rate,
+            "matmul_peak": peak["best"], "matmul_peak_median": peak["median"], "matmul_peak_min": peak["min"],
+            "matmul_peak_runs": peak["runs"], "matmul_dtype": peak["dtype"], "utilization_step": utilization, "peak_failed": utilization > 1}
 
 
 def profile_steps(steps, real, profile_dir: str, count: int) -> Optional[dict]:
@@ -292,8 +414,13 @@ def profile_steps(steps, real, profile_dir: str, count: int) -> Optional[dict]:
     return input_wait_from_trace(profile_dir)
 
 
-def benchmark_phase(run, phase_name: str, budget: Budget, flops: dict, peaks: dict,
-                    profile_dir: Optional[str]) -> dict:
+def phase_inputs(run, phase) -> tuple:
+    """(name, inputs, unfreeze) of `phase` for model_flops: what its step reads and trains."""
+    inputs = "features" if run.use_feature_cache(phase) else "activations" if run.use_frozen_cache(phase) else "images"
+    return phase.name, inputs, False if phase.name == "head" else phase.config.unfreeze
+
+
+def benchmark_phase(run, phase_name: str, budget: Budget, profile_dir: Optional[str]) -> dict:
     phase = next(p for p in run.phases if p.name == phase_name)
     cached = run.use_feature_cache(phase)
     steps = run.step_functions(phase)
@@ -323,8 +450,6 @@ def benchmark_phase(run, phase_name: str, budget: Budget, flops: dict, peaks: di
         result["profile"] = profile_steps(steps, real, profile_dir, min(budget.steps, 2))
     result["verdict"] = verdict(pairs, result["input"]["images_per_sec"], batch, result.get("profile"))
     result["settings"] = effective_settings(run, steps, synthetic, cached, per_call)
-    result["flops"] = flops_row(flops, phase_name, cached, result["step"]["images_per_sec"],
-                                result["e2e"]["images_per_sec"], peaks[result["settings"]["compute_dtype"]])
     return result
 
 
@@ -334,6 +459,20 @@ def _fmt_flops(value: float) -> str:
         if value >= scale:
             return f"{value / scale:.3g} {unit}"
     return f"{value:.3g} "
+
+
+def flops_lines(f: dict) -> list[str]:
+    """Row (e) of the table for a flops_row; a utilization over 100% is printed as a failed peak."""
+    utilization = f"{100 * f['utilization_step']:.1f}%"
+    if f["peak_failed"]:
+        utilization = f"!! {utilization} (over 100%: THE PEAK MEASUREMENT FAILED, machine busy?) !!"
+    return [f"  (e) FLOPs per image         {_fmt_flops(f['forward_per_image'])}FLOP forward from {f['runs_from']} + "
+            f"{_fmt_flops(f['backward_weights_per_image'] + f['backward_inputs_per_image'])}FLOP backward "
+            f"(trained from {f['lowest_trained']}) = {_fmt_flops(f['train_per_image'])}FLOP per train step",
+            f"      achieved                {_fmt_flops(f['achieved_step'])}FLOP/s (step), {_fmt_flops(f['achieved_e2e'])}FLOP/s (e2e) = "
+            f"{utilization} of a {f['matmul_dtype']} matmul peak of {_fmt_flops(f['matmul_peak'])}FLOP/s "
+            f"(best of {f['matmul_peak_runs']} runs; median {_fmt_flops(f['matmul_peak_median'])}FLOP/s, "
+            f"slowest {_fmt_flops(f['matmul_peak_min'])}FLOP/s)"]
 
 
 def format_table(report: dict) -> str:
@@ -354,9 +493,7 @@ def format_table(report: dict) -> str:
         if r.get("profile"):
             p = r["profile"]
             lines.append(f"      waiting, from profiler  {100 * p['input_wait_share']:.1f}% of {p['calls_traced']} traced train call(s) in GetNext, {p['ms_per_call']:.1f} ms/call")
-        lines.append(f"  (e) FLOPs per image         {_fmt_flops(f['forward_per_image'])}FLOP forward, {_fmt_flops(f['train_per_image'])}FLOP per train step; "
-                     f"achieved {_fmt_flops(f['achieved_step'])}FLOP/s (step), {_fmt_flops(f['achieved_e2e'])}FLOP/s (e2e) = "
-                     f"{100 * f['utilization_step']:.1f}% of a {s['compute_dtype']} matmul's {_fmt_flops(f['matmul_peak'])}FLOP/s")
+        lines.extend(flops_lines(f))
         lines.append(f"  (f) in effect               {s['strategy']} x{s['replicas']}, {s['precision']}, XLA {'on' if s['xla_in_step'] else 'off'}"
                      f" (requested {'on' if s['xla_requested'] else 'off'}), steps_per_call {s['steps_per_call']}, resize on {s['resize_on']}, "
                      f"BatchNorm folded into {s['batchnorm_folded']} convolutions, oneDNN {'on' if s['onednn'] else 'off'}, "
@@ -388,14 +525,23 @@ def benchmark(config: Config, phases: list[str], budget: Budget = Budget(), prof
     workdir = workdir or config.workdir
     with scratch_trainer(config) as trainer:
         run = trainer.run
-        flops = model_flops(config, run.info.num_classes)
-        dtypes = {"float32", run.model.backbone.compute_dtype}
-        peaks = {dtype: matmul_flops_per_sec(dtype) for dtype in dtypes}
+        selected = [p for p in run.phases if p.name in phases]
+        flops = model_flops(config, run.info.num_classes, [phase_inputs(run, p) for p in selected])
+        dtypes = sorted({"float32", run.model.backbone.compute_dtype})
+        log.info("benchmark: matmul peak in %s", ", ".join(dtypes))
+        rates = {dtype: matmul_rates(dtype, budget.matmul_sizes, budget.matmul_repeats) for dtype in dtypes}
         results = []
-        for name in phases:
-            profile_dir = os.path.join(workdir, "benchmark_profile", name) if profile else None
-            results.append(benchmark_phase(run, name, budget, flops, peaks, profile_dir))
-    report = {"budget": dataclasses.asdict(budget), "model_flops": flops, "matmul_peak_flops": peaks, "phases": results}
+        for phase in selected:
+            profile_dir = os.path.join(workdir, "benchmark_profile", phase.name) if profile else None
+            results.append(benchmark_phase(run, phase.name, budget, profile_dir))
+        log.info("benchmark: matmul peak again, after the phases")
+        peaks = {dtype: peak_summary(dtype, rates[dtype] + matmul_rates(dtype, budget.matmul_sizes, budget.matmul_repeats))
+                 for dtype in dtypes}
+    for result in results:
+        result["flops"] = flops_row({"name": result["phase"], **flops["phases"][result["phase"]]},
+                                    result["step"]["images_per_sec"], result["e2e"]["images_per_sec"],
+                                    peaks[result["settings"]["compute_dtype"]])
+    report = {"budget": dataclasses.asdict(budget), "model_flops": flops, "matmul_peak": peaks, "phases": results}
     write_json(workdir, "benchmark.json", report)
     return report
 
