@@ -99,7 +99,7 @@ def onednn_enabled() -> bool:
     return bool(_pywrap_util_port.IsMklEnabled()) and os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") != "0"
 
 
-def effective_settings(run, steps, iterator, cached: bool, per_call: int) -> dict:
+def effective_settings(run, steps, iterator, cached: bool, per_call: int, frozen_cached: bool = False) -> dict:
     config = run.config
     return {
         "strategy": type(run.strategy).__name__,
@@ -110,8 +110,11 @@ def effective_settings(run, steps, iterator, cached: bool, per_call: int) -> dic
         "xla_requested": config.train.jit_compile,
         "xla_in_step": xla_compiled(steps, iterator),
         "steps_per_call": per_call,
-        "resize_on": "none (cached features)" if cached else config.data.resize_on,
+        "resize_on": "none (cached features)" if cached else "none (cached activations)" if frozen_cached
+        else config.data.resize_on,
         "feature_cache": cached,
+        # The fine-tune top trains on cached activations of the frozen bottom: the layer they feed.
+        "activation_cache": run.split.first_trainable if frozen_cached else None,
         "image_size": config.model.image_size,
         "onednn": onednn_enabled(),
         # BatchNorm layers folded into their convolutions (0: model.fold_batchnorm off).
@@ -449,7 +452,7 @@ def benchmark_phase(run, phase_name: str, budget: Budget, profile_dir: Optional[
         # Two calls at most: the profiler slows every op and its trace grows with each.
         result["profile"] = profile_steps(steps, real, profile_dir, min(budget.steps, 2))
     result["verdict"] = verdict(pairs, result["input"]["images_per_sec"], batch, result.get("profile"))
-    result["settings"] = effective_settings(run, steps, synthetic, cached, per_call)
+    result["settings"] = effective_settings(run, steps, synthetic, cached, per_call, run.use_frozen_cache(phase))
     return result
 
 
@@ -479,7 +482,12 @@ def format_table(report: dict) -> str:
     lines = []
     for r in report["phases"]:
         s, v, f = r["settings"], r["verdict"], r["flops"]
-        what = "head on cached features" if s["feature_cache"] else f"{'classifier' if r['phase'] == 'finetune' else 'frozen backbone + head'} at {s['image_size']}px"
+        if s["feature_cache"]:
+            what = "head on cached features"
+        elif s.get("activation_cache"):
+            what = f"top from {s['activation_cache']} + head on cached activations of the frozen bottom at {s['image_size']}px"
+        else:
+            what = f"{'classifier' if r['phase'] == 'finetune' else 'frozen backbone + head'} at {s['image_size']}px"
         lines.append(f"phase {r['phase']}: {what}, global batch {s['global_batch']}")
         if "feature_extraction" in r:
             e = r["feature_extraction"]
