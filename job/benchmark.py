@@ -269,7 +269,13 @@ def matmul_rates(dtype: str, sizes: tuple, repeats: int) -> list[tuple[int, floa
     return rates
 
 
-def peak_summary(dtype: str, rates: list[tuple[int, float]]) -> dict:
+def load_average() -> float:
+    """The machine's 1-minute load average: above its core count, other processes compete
+    for the cores (a shared machine), and every rate here, the peak included, is low."""
+    return os.getloadavg()[0]
+
+
+def peak_summary(dtype: str, rates: list[tuple[int, float]], loads: tuple = ()) -> dict:
     """The peak to compare a step against: the best of every size and repeat (measured before
     and after the phases, so one busy stretch of a shared machine does not lower it), with
     the spread (median, slowest) that says how busy the machine was, and the best per size."""
@@ -278,7 +284,7 @@ def peak_summary(dtype: str, rates: list[tuple[int, float]]) -> dict:
     for n, r in rates:
         by_size[str(n)] = max(by_size.get(str(n), 0.0), r)
     return {"dtype": dtype, "best": max(values), "median": statistics.median(values), "min": min(values),
-            "runs": len(values), "best_by_size": by_size}
+            "runs": len(values), "best_by_size": by_size, "load_average": list(loads), "cores": os.cpu_count()}
 
 
 # --- the profiler's view ---------------------------------------------------------------
@@ -404,7 +410,8 @@ def flops_row(phase_flops: dict, step_rate: float, e2e_rate: float, peak: dict) 
             "backward_inputs_per_image": phase_flops["backward_inputs"], "lowest_trained": phase_flops["lowest_trained"],
             "runs_from": phase_flops["runs_from"], "achieved_step": train * step_rate, "achieved_e2e": train * e2e_rate,
             "matmul_peak": peak["best"], "matmul_peak_median": peak["median"], "matmul_peak_min": peak["min"],
-            "matmul_peak_runs": peak["runs"], "matmul_dtype": peak["dtype"], "utilization_step": utilization, "peak_failed": utilization > 1}
+            "matmul_peak_runs": peak["runs"], "matmul_dtype": peak["dtype"],
+            "load_average": peak.get("load_average", []), "cores": peak.get("cores"), "utilization_step": utilization, "peak_failed": utilization > 1}
 
 
 def profile_steps(steps, real, profile_dir: str, count: int) -> Optional[dict]:
@@ -475,7 +482,9 @@ def flops_lines(f: dict) -> list[str]:
             f"      achieved                {_fmt_flops(f['achieved_step'])}FLOP/s (step), {_fmt_flops(f['achieved_e2e'])}FLOP/s (e2e) = "
             f"{utilization} of a {f['matmul_dtype']} matmul peak of {_fmt_flops(f['matmul_peak'])}FLOP/s "
             f"(best of {f['matmul_peak_runs']} runs; median {_fmt_flops(f['matmul_peak_median'])}FLOP/s, "
-            f"slowest {_fmt_flops(f['matmul_peak_min'])}FLOP/s)"]
+            f"slowest {_fmt_flops(f['matmul_peak_min'])}FLOP/s)"
+            + (f"; machine busy: load average {'/'.join(f'{x:.1f}' for x in f['load_average'])} on {f['cores']} cores"
+               if f.get("load_average") and max(f["load_average"]) > (f.get("cores") or 1) else "")]
 
 
 def format_table(report: dict) -> str:
@@ -537,14 +546,21 @@ def benchmark(config: Config, phases: list[str], budget: Budget = Budget(), prof
         flops = model_flops(config, run.info.num_classes, [phase_inputs(run, p) for p in selected])
         dtypes = sorted({"float32", run.model.backbone.compute_dtype})
         log.info("benchmark: matmul peak in %s", ", ".join(dtypes))
+        loads = [load_average()]
         rates = {dtype: matmul_rates(dtype, budget.matmul_sizes, budget.matmul_repeats) for dtype in dtypes}
         results = []
         for phase in selected:
             profile_dir = os.path.join(workdir, "benchmark_profile", phase.name) if profile else None
             results.append(benchmark_phase(run, phase.name, budget, profile_dir))
         log.info("benchmark: matmul peak again, after the phases")
-        peaks = {dtype: peak_summary(dtype, rates[dtype] + matmul_rates(dtype, budget.matmul_sizes, budget.matmul_repeats))
-                 for dtype in dtypes}
+        loads.append(load_average())
+        peaks = {dtype: peak_summary(dtype, rates[dtype] + matmul_rates(dtype, budget.matmul_sizes, budget.matmul_repeats),
+                                     tuple(loads)) for dtype in dtypes}
+        busy = max(loads) > (os.cpu_count() or 1)
+        if busy:
+            log.warning("the machine was busy while measuring (load average %s on %d cores): every rate is low, "
+                        "the matmul peak too, so utilization may read high", "/".join(f"{x:.1f}" for x in loads),
+                        os.cpu_count())
     for result in results:
         result["flops"] = flops_row({"name": result["phase"], **flops["phases"][result["phase"]]},
                                     result["step"]["images_per_sec"], result["e2e"]["images_per_sec"],

@@ -180,3 +180,6 @@ def test_a_utilization_over_100_percent_is_flagged_as_a_failed_peak(caplog):
     assert over["peak_failed"] and "peak measurement failed" in caplog.text
     table = "\n".join(flops_lines(over))
     assert "108.0% (over 100%: THE PEAK MEASUREMENT FAILED" in table and "median 90 GFLOP/s, slowest 40 GFLOP/s" in table
+    assert "machine busy:" not in table
+    busy = flops_row(phase, 3e8, 2.9e8, peak_summary("float32", [(1024, 100e9)], (1.0, 7.5)) | {"cores": 2})
+    assert "machine busy: load average 1.0/7.5 on 2 cores" in "\n".join(flops_lines(busy))
