@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from job.benchmark import (Budget, _union_length, benchmark, flops_lines, flops_row, format_table, forward_flops,
-                           model_flops, peak_summary, scratch_trainer)
+from job.benchmark import Budget, _union_length, benchmark, flops_lines, flops_row, format_table, scratch_trainer
 from job.config import load_config
+from job.flops import forward_flops, model_flops, peak_summary
 from job.model import build_model
 from job.train import CACHED_STEPS_PER_CALL
 from tests.conftest import MOCK, REPO, job_env, tiny
