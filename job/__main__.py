@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--steps", type=int, default=20, help="train steps per timed repeat (default 20)")
             p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported (default 3)")
             p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default 2)")
+            p.add_argument("--matmul-sizes", type=lambda s: tuple(int(n) for n in s.split(",")), default=(1024, 2048, 4096),
+                           help="square matmul sizes whose best rate is the peak (default 1024,2048,4096)")
             p.add_argument("--profile", action="store_true", help="also trace end-to-end steps with the TF profiler")
             p.add_argument("--accelerator-rate", type=float, default=2500.0,
                            help="images/s one accelerator trains at, for the input cores it needs (default 2500, assumed)")
@@ -237,7 +239,8 @@ def _run(args: argparse.Namespace) -> int:
         from job.benchmark import Budget, benchmark, format_table
 
         phases = ["head", "finetune"] if args.phase == "all" else [args.phase]
-        report = benchmark(config, phases, Budget(args.steps, args.repeats, args.warmup, args.accelerator_rate), args.profile)
+        report = benchmark(config, phases, Budget(args.steps, args.repeats, args.warmup, args.matmul_sizes,
+                                                  accelerator_images_per_sec=args.accelerator_rate), args.profile)
         print(format_table(report))
         print(f"wrote {os.path.join(config.workdir, 'benchmark.json')}")
     elif args.command == "export":

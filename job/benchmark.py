@@ -9,8 +9,11 @@ as the median of repeats, it measures:
   e2e    the two together, exactly as `train` runs them (`Run.step_functions`, chunks of
          train.steps_per_call steps).
 From these: the share of the end-to-end step spent waiting for input (1 - step/e2e time)
-and a verdict, model FLOPs per image and the FLOP/s achieved next to a matmul measured on
-the same machine in the same dtype, and the settings that took effect (strategy, replicas,
+and a verdict; the FLOPs per image of what the phase's step computes (forward of the layers
+that run, backward of what is trained and of what lies above it: job/flops.py) and the FLOP/s
+achieved, next to the best of TensorFlow matmuls of several sizes in the same dtype measured
+before and after the phases (with their spread; a utilization above 100% is flagged as a
+failed peak measurement, never printed as a result); and the settings that took effect (strategy, replicas,
 precision, XLA as compiled into the traced step, where resizing runs, feature caching).
 With --profile, a few end-to-end steps are also traced with the TensorFlow profiler and the
 input wait is read from that trace. Prints a table, writes <workdir>/benchmark.json.
@@ -31,12 +34,11 @@ import tempfile
 import time
 from typing import Callable, Optional
 
-import keras
 import tensorflow as tf
 
 from job import data as data_lib
 from job.config import Config
-from job.model import build_model
+from job.flops import load_average, matmul_rates, model_flops, peak_summary
 from job.telemetry import ProfilerWindow
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,9 @@ class Budget:
     steps: int = 20  # train steps (or batches) per timed repeat
     repeats: int = 3  # the median of these is reported
     warmup: int = 2  # untimed calls first
+    # Square matmul sizes for the peak, each timed `matmul_repeats` times before and after the phases.
+    matmul_sizes: tuple = (1024, 2048, 4096)
+    matmul_repeats: int = 3
     # The rate one accelerator trains at, for "cores of input pipeline per accelerator": a stated
     # assumption (about what one A100 trains MobileNetV2 at 224 px in mixed precision), not a measurement.
     accelerator_images_per_sec: float = 2500.0
@@ -96,7 +101,7 @@ def onednn_enabled() -> bool:
     return bool(_pywrap_util_port.IsMklEnabled()) and os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") != "0"
 
 
-def effective_settings(run, steps, iterator, cached: bool, per_call: int) -> dict:
+def effective_settings(run, steps, iterator, cached: bool, per_call: int, frozen_cached: bool = False) -> dict:
     config = run.config
     return {
         "strategy": type(run.strategy).__name__,
@@ -107,8 +112,11 @@ def effective_settings(run, steps, iterator, cached: bool, per_call: int) -> dic
         "xla_requested": config.train.jit_compile,
         "xla_in_step": xla_compiled(steps, iterator),
         "steps_per_call": per_call,
-        "resize_on": "none (cached features)" if cached else config.data.resize_on,
+        "resize_on": "none (cached features)" if cached else "none (cached activations)" if frozen_cached
+        else config.data.resize_on,
         "feature_cache": cached,
+        # The fine-tune top trains on cached activations of the frozen bottom: the layer they feed.
+        "activation_cache": run.split.first_trainable if frozen_cached else None,
         "image_size": config.model.image_size,
         "onednn": onednn_enabled(),
         # BatchNorm layers folded into their convolutions (0: model.fold_batchnorm off).
@@ -119,55 +127,6 @@ def effective_settings(run, steps, iterator, cached: bool, per_call: int) -> dic
         "tf_data_threads": run.threads["tf_data"],
         "threads_from": run.threads["from"],
     }
-
-
-# --- FLOPs ---------------------------------------------------------------------------
-def forward_flops(model: keras.Model, input_shape: tuple) -> int:
-    """FLOPs of one image through `model` (inference), counted by TensorFlow's profiler."""
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-
-    concrete = tf.function(lambda x: model(x, training=False)).get_concrete_function(
-        tf.TensorSpec((1, *input_shape), tf.float32))
-    graph = convert_variables_to_constants_v2(concrete).graph
-    builder = tf.compat.v1.profiler.ProfileOptionBuilder
-    options = builder(builder.float_operation()).with_empty_output().build()
-    tf_log = logging.getLogger("tensorflow")
-    level = tf_log.level
-    tf_log.setLevel(logging.ERROR)  # the v1 profiler warns that it is v1
-    try:
-        return int(tf.compat.v1.profiler.profile(graph, options=options).total_float_ops)
-    finally:
-        tf_log.setLevel(level)
-
-
-def model_flops(config: Config, num_classes: int) -> dict:
-    """Forward FLOPs per image of backbone and head, and of a train step per phase.
-
-    A fresh float32 copy outside any strategy: FLOPs depend on shapes, not weights or dtype.
-    Train FLOPs follow the usual model-FLOPs convention: backward = 2x forward for what
-    is trained, so the fine-tune step is 3x forward (an upper bound when only the top
-    layers are unfrozen); a frozen backbone only runs forward.
-    """
-    size = config.model.image_size
-    model = build_model(config.model, num_classes, "float32", weights="none")
-    backbone = forward_flops(model.extractor, (size, size, 3))
-    head = forward_flops(model.head, tuple(model.head.input_shape[1:]))
-    return {"forward_backbone": backbone, "forward_head": head,
-            "train_head_cached": 3 * head, "train_head": backbone + 3 * head, "train_finetune": 3 * (backbone + head)}
-
-
-def matmul_flops_per_sec(dtype: str, n: int = 2048, repeats: int = 5) -> float:
-    """A large matmul in `dtype` on this machine: the practical peak to compare against."""
-    a = tf.cast(tf.random.normal([n, n]), dtype)
-    b = tf.cast(tf.random.normal([n, n]), dtype)
-    matmul = tf.function(tf.matmul)
-    matmul(a, b).numpy()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, b).numpy()
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times)
 
 
 # --- the profiler's view ---------------------------------------------------------------
@@ -290,12 +249,24 @@ def verdict(pairs: list[tuple[float, float]], input_rate: float, batch: int, pro
             "e2e_step_ms": 1000 * batch / e2e_rate}
 
 
-def flops_row(flops: dict, phase_name: str, cached: bool, step_rate: float, e2e_rate: float, peak: float) -> dict:
-    """(e) Model FLOPs per image and the FLOP/s achieved, next to the measured matmul peak."""
-    key = "train_head_cached" if cached else f"train_{phase_name}"
-    forward = flops["forward_head"] if cached else flops["forward_backbone"] + flops["forward_head"]
-    return {"forward_per_image": forward, "train_per_image": flops[key], "achieved_step": flops[key] * step_rate,
-            "achieved_e2e": flops[key] * e2e_rate, "matmul_peak": peak, "utilization_step": flops[key] * step_rate / peak}
+def flops_row(phase_flops: dict, step_rate: float, e2e_rate: float, peak: dict) -> dict:
+    """(e) FLOPs per image of what the phase's step computes, and the FLOP/s achieved next to
+    the measured matmul peak. A utilization above 1 means the peak was not a peak (the
+    machine was busy whenever it was measured): flagged, never printed as a plain number."""
+    train = phase_flops["train"]
+    utilization = train * step_rate / peak["best"]
+    if utilization > 1:
+        log.warning("the %s train step reached %.1f%% of the measured %s matmul peak: the peak measurement failed "
+                    "(machine busy while it ran: best %.3g, median %.3g, slowest %.3g FLOP/s); its utilization "
+                    "is not meaningful", phase_flops.get("name", "phase"), 100 * utilization, peak["dtype"],
+                    peak["best"], peak["median"], peak["min"])
+    return {"forward_per_image": phase_flops["forward"], "train_per_image": train,
+            "backward_weights_per_image": phase_flops["backward_weights"],
+            "backward_inputs_per_image": phase_flops["backward_inputs"], "lowest_trained": phase_flops["lowest_trained"],
+            "runs_from": phase_flops["runs_from"], "achieved_step": train * step_rate, "achieved_e2e": train * e2e_rate,
+            "matmul_peak": peak["best"], "matmul_peak_median": peak["median"], "matmul_peak_min": peak["min"],
+            "matmul_peak_runs": peak["runs"], "matmul_dtype": peak["dtype"],
+            "load_average": peak.get("load_average", []), "cores": peak.get("cores"), "utilization_step": utilization, "peak_failed": utilization > 1}
 
 
 def profile_steps(steps, real, profile_dir: str, count: int) -> Optional[dict]:
@@ -308,8 +279,13 @@ def profile_steps(steps, real, profile_dir: str, count: int) -> Optional[dict]:
     return input_wait_from_trace(profile_dir)
 
 
-def benchmark_phase(run, phase_name: str, budget: Budget, flops: dict, peaks: dict,
-                    profile_dir: Optional[str]) -> dict:
+def phase_inputs(run, phase) -> tuple:
+    """(name, inputs, unfreeze) of `phase` for model_flops: what its step reads and trains."""
+    inputs = "features" if run.use_feature_cache(phase) else "activations" if run.use_frozen_cache(phase) else "images"
+    return phase.name, inputs, False if phase.name == "head" else phase.config.unfreeze
+
+
+def benchmark_phase(run, phase_name: str, budget: Budget, profile_dir: Optional[str]) -> dict:
     phase = next(p for p in run.phases if p.name == phase_name)
     cached = run.use_feature_cache(phase)
     steps = run.step_functions(phase)
@@ -340,9 +316,7 @@ def benchmark_phase(run, phase_name: str, budget: Budget, flops: dict, peaks: di
         # Two calls at most: the profiler slows every op and its trace grows with each.
         result["profile"] = profile_steps(steps, real, profile_dir, min(budget.steps, 2))
     result["verdict"] = verdict(pairs, result["input"]["images_per_sec"], batch, result.get("profile"))
-    result["settings"] = effective_settings(run, steps, synthetic, cached, per_call)
-    result["flops"] = flops_row(flops, phase_name, cached, result["step"]["images_per_sec"],
-                                result["e2e"]["images_per_sec"], peaks[result["settings"]["compute_dtype"]])
+    result["settings"] = effective_settings(run, steps, synthetic, cached, per_call, run.use_frozen_cache(phase))
     return result
 
 
@@ -354,11 +328,32 @@ def _fmt_flops(value: float) -> str:
     return f"{value:.3g} "
 
 
+def flops_lines(f: dict) -> list[str]:
+    """Row (e) of the table for a flops_row; a utilization over 100% is printed as a failed peak."""
+    utilization = f"{100 * f['utilization_step']:.1f}%"
+    if f["peak_failed"]:
+        utilization = f"!! {utilization} (over 100%: THE PEAK MEASUREMENT FAILED, machine busy?) !!"
+    return [f"  (e) FLOPs per image         {_fmt_flops(f['forward_per_image'])}FLOP forward from {f['runs_from']} + "
+            f"{_fmt_flops(f['backward_weights_per_image'] + f['backward_inputs_per_image'])}FLOP backward "
+            f"(trained from {f['lowest_trained']}) = {_fmt_flops(f['train_per_image'])}FLOP per train step",
+            f"      achieved                {_fmt_flops(f['achieved_step'])}FLOP/s (step), {_fmt_flops(f['achieved_e2e'])}FLOP/s (e2e) = "
+            f"{utilization} of a {f['matmul_dtype']} matmul peak of {_fmt_flops(f['matmul_peak'])}FLOP/s "
+            f"(best of {f['matmul_peak_runs']} runs; median {_fmt_flops(f['matmul_peak_median'])}FLOP/s, "
+            f"slowest {_fmt_flops(f['matmul_peak_min'])}FLOP/s)"
+            + (f"; machine busy: load average {'/'.join(f'{x:.1f}' for x in f['load_average'])} on {f['cores']} cores"
+               if f.get("load_average") and max(f["load_average"]) > (f.get("cores") or 1) else "")]
+
+
 def format_table(report: dict) -> str:
     lines = []
     for r in report["phases"]:
         s, v, f = r["settings"], r["verdict"], r["flops"]
-        what = "head on cached features" if s["feature_cache"] else f"{'classifier' if r['phase'] == 'finetune' else 'frozen backbone + head'} at {s['image_size']}px"
+        if s["feature_cache"]:
+            what = "head on cached features"
+        elif s.get("activation_cache"):
+            what = f"top from {s['activation_cache']} + head on cached activations of the frozen bottom at {s['image_size']}px"
+        else:
+            what = f"{'classifier' if r['phase'] == 'finetune' else 'frozen backbone + head'} at {s['image_size']}px"
         lines.append(f"phase {r['phase']}: {what}, global batch {s['global_batch']}")
         if "feature_extraction" in r:
             e = r["feature_extraction"]
@@ -376,9 +371,7 @@ def format_table(report: dict) -> str:
         if r.get("profile"):
             p = r["profile"]
             lines.append(f"      waiting, from profiler  {100 * p['input_wait_share']:.1f}% of {p['calls_traced']} traced train call(s) in GetNext, {p['ms_per_call']:.1f} ms/call")
-        lines.append(f"  (e) FLOPs per image         {_fmt_flops(f['forward_per_image'])}FLOP forward, {_fmt_flops(f['train_per_image'])}FLOP per train step; "
-                     f"achieved {_fmt_flops(f['achieved_step'])}FLOP/s (step), {_fmt_flops(f['achieved_e2e'])}FLOP/s (e2e) = "
-                     f"{100 * f['utilization_step']:.1f}% of a {s['compute_dtype']} matmul's {_fmt_flops(f['matmul_peak'])}FLOP/s")
+        lines.extend(flops_lines(f))
         lines.append(f"  (f) in effect               {s['strategy']} x{s['replicas']}, {s['precision']}, XLA {'on' if s['xla_in_step'] else 'off'}"
                      f" (requested {'on' if s['xla_requested'] else 'off'}), steps_per_call {s['steps_per_call']}, resize on {s['resize_on']}, "
                      f"BatchNorm folded into {s['batchnorm_folded']} convolutions, oneDNN {'on' if s['onednn'] else 'off'}, "
@@ -410,14 +403,30 @@ def benchmark(config: Config, phases: list[str], budget: Budget = Budget(), prof
     workdir = workdir or config.workdir
     with scratch_trainer(config) as trainer:
         run = trainer.run
-        flops = model_flops(config, run.info.num_classes)
-        dtypes = {"float32", run.model.backbone.compute_dtype}
-        peaks = {dtype: matmul_flops_per_sec(dtype) for dtype in dtypes}
+        selected = [p for p in run.phases if p.name in phases]
+        flops = model_flops(config, run.info.num_classes, [phase_inputs(run, p) for p in selected])
+        dtypes = sorted({"float32", run.model.backbone.compute_dtype})
+        log.info("benchmark: matmul peak in %s", ", ".join(dtypes))
+        loads = [load_average()]
+        rates = {dtype: matmul_rates(dtype, budget.matmul_sizes, budget.matmul_repeats) for dtype in dtypes}
         results = []
-        for name in phases:
-            profile_dir = os.path.join(workdir, "benchmark_profile", name) if profile else None
-            results.append(benchmark_phase(run, name, budget, flops, peaks, profile_dir))
-    report = {"budget": dataclasses.asdict(budget), "model_flops": flops, "matmul_peak_flops": peaks, "phases": results}
+        for phase in selected:
+            profile_dir = os.path.join(workdir, "benchmark_profile", phase.name) if profile else None
+            results.append(benchmark_phase(run, phase.name, budget, profile_dir))
+        log.info("benchmark: matmul peak again, after the phases")
+        loads.append(load_average())
+        peaks = {dtype: peak_summary(dtype, rates[dtype] + matmul_rates(dtype, budget.matmul_sizes, budget.matmul_repeats),
+                                     tuple(loads)) for dtype in dtypes}
+        busy = max(loads) > (os.cpu_count() or 1)
+        if busy:
+            log.warning("the machine was busy while measuring (load average %s on %d cores): every rate is low, "
+                        "the matmul peak too, so utilization may read high", "/".join(f"{x:.1f}" for x in loads),
+                        os.cpu_count())
+    for result in results:
+        result["flops"] = flops_row({"name": result["phase"], **flops["phases"][result["phase"]]},
+                                    result["step"]["images_per_sec"], result["e2e"]["images_per_sec"],
+                                    peaks[result["settings"]["compute_dtype"]])
+    report = {"budget": dataclasses.asdict(budget), "model_flops": flops, "matmul_peak": peaks, "phases": results}
     write_json(workdir, "benchmark.json", report)
     return report
 

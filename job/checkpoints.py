@@ -87,15 +87,14 @@ def copy_latest_checkpoint(source: str, destination: str) -> int:
     for name in os.listdir(source):
         if name.startswith(prefix + "."):
             shutil.copy2(os.path.join(source, name), destination)
-    # The CheckpointState text proto CheckpointManager reads. A timestamp after
-    # last_preserved_timestamp makes the manager list (and later rotate) this checkpoint.
-    # Written last: a crash before this leaves `destination` pointing at what it had.
-    state = (f'model_checkpoint_path: "{prefix}"\nall_model_checkpoint_paths: "{prefix}"\n'
-             f"all_model_checkpoint_timestamps: {time.time():.3f}\nlast_preserved_timestamp: 0\n")
-    tmp = os.path.join(destination, INDEX + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(state)
-    os.replace(tmp, os.path.join(destination, INDEX))
+    # The CheckpointState CheckpointManager reads, by TensorFlow's own writer (atomic: a
+    # temporary file renamed into place). A timestamp after last_preserved_timestamp makes the
+    # manager list (and later rotate) this checkpoint. Written last: a crash before this leaves
+    # `destination` pointing at what it had. An absolute directory keeps the path as given,
+    # relative to it (TF would rewrite it against a relative one).
+    tf.compat.v1.train.update_checkpoint_state(os.path.abspath(destination), prefix, [prefix],
+                                               all_model_checkpoint_timestamps=[time.time()],
+                                               last_preserved_timestamp=0)
     return _step_of(prefix)
 
 

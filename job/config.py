@@ -74,8 +74,10 @@ class ModelConfig(_Section):
     weights: str = "imagenet"  # "imagenet", "none", or a path to a .h5/.weights.h5 file
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     # Frozen BatchNorm folded into its convolution when training and extracting features
-    # (same function, fused kernels; job.model). false: run the stock Keras layers.
-    fold_batchnorm: bool = True
+    # (same function, fused kernels; job.model). "auto": where it was measured to help, on a
+    # CPU (no GPU visible); off on a GPU, where it has not been measured. false: run the
+    # stock Keras layers.
+    fold_batchnorm: Union[Literal["auto"], bool] = "auto"
     # Flip test-time augmentation: validation, `evaluate` and the exported model average the
     # class probabilities of each image and its mirror image (twice the inference cost).
     flip_tta: bool = False

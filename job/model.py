@@ -15,6 +15,10 @@ measured 1.5x the inference rate and about 1.2x the fine-tune step on a 2-core C
 ZeroPadding2D equal to "SAME" padding is likewise absorbed by the convolution after it
 (identical output; another 1.12x on inference and on the fine-tune step at 96 px). The
 Keras models themselves stay stock, so checkpoints and exports do not depend on it.
+Both rewrites walk Keras's functional graph through private internals (`_run_through_graph`,
+`_inbound_nodes`) and were measured only on that CPU: `model.fold_batchnorm=auto` (the
+default) folds on a CPU and not when a GPU is visible, where cuDNN and XLA have fusions of
+their own and nothing was measured; `true`/`false` force it.
 """
 
 from __future__ import annotations
@@ -322,7 +326,15 @@ def build_model(model: ModelConfig, num_classes: int, precision: str = "float32"
 
         classifier = keras.Model(inputs, head(extractor(inputs)), name="classifier")
     return TransferModel(backbone, extractor, head, classifier,
-                         **(fold_plan(backbone) if model.fold_batchnorm else {}))
+                         **(fold_plan(backbone) if folds_batchnorm(model.fold_batchnorm) else {}))
+
+
+def folds_batchnorm(setting) -> bool:
+    """model.fold_batchnorm resolved: "auto" folds where folding was measured to help, on a
+    CPU; with a GPU visible it is off (not measured there)."""
+    if setting == "auto":
+        return not tf.config.list_physical_devices("GPU")
+    return bool(setting)
 
 
 def first_trainable_layer(backbone: keras.Model, unfreeze) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 
 import keras
 import numpy as np
@@ -77,16 +78,45 @@ def make_optimizer(phase: Phase, steps_per_epoch: int, lr_scale: float, precisio
     return optimizer
 
 
-def _apply_reduced_gradients(optimizer) -> None:
+# Keras's (private) TensorFlow-backend hook that all-reduces gradients inside `apply`.
+KERAS_ALL_REDUCE = "_all_reduce_sum_gradients"
+
+
+class _AlreadyReduced:
+    """Stands in for Keras's all-reduce: gradients pass unchanged, and each call is noted (per
+    thread: MirroredStrategy traces its replicas in threads) so the step can check that Keras
+    really went through it."""
+
+    def __init__(self):
+        self._calls = threading.local()
+
+    def __call__(self, grads_and_vars):
+        self._calls.count = self.calls + 1
+        return list(grads_and_vars)
+
+    @property
+    def calls(self) -> int:
+        return getattr(self._calls, "count", 0)
+
+
+def _apply_reduced_gradients(optimizer) -> _AlreadyReduced:
     """Let `optimizer` take gradients already summed over replicas.
 
     Keras all-reduces inside `apply`, after LossScaleOptimizer has decided from its own
     replica's gradients alone whether to skip the step (replicas that disagree would then
     run different collectives and hang). The step sums them itself, with the metrics in the
-    same collective, so Keras's own (private) all-reduce becomes the identity.
+    same collective, so Keras's own all-reduce becomes the identity. That hook is private:
+    if a Keras upgrade renamed it, gradients would be summed twice (the learning rate
+    silently multiplied by the replica count). So it must exist here, and every traced
+    `apply` must have called it (`StepFunctions._replica_step` checks, at trace time).
     """
     inner = getattr(optimizer, "inner_optimizer", optimizer)
-    inner._all_reduce_sum_gradients = lambda grads_and_vars: list(grads_and_vars)
+    if not callable(getattr(type(inner), KERAS_ALL_REDUCE, None)):
+        raise RuntimeError(f"Keras {keras.__version__}: {type(inner).__name__} has no {KERAS_ALL_REDUCE}, which "
+                           "job/step.py replaces so that gradients are all-reduced once; see _apply_reduced_gradients")
+    hook = _AlreadyReduced()
+    setattr(inner, KERAS_ALL_REDUCE, hook)
+    return hook
 
 
 class StepFunctions:
@@ -101,7 +131,7 @@ class StepFunctions:
         self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         self.flip_tta = flip_tta
         self.variables = variables
-        _apply_reduced_gradients(optimizer)
+        self._reduced = _apply_reduced_gradients(optimizer)
         # XLA compiles the forward and backward pass; the all-reduce and the optimizer update stay outside.
         self._gradients = tf.function(self._compute_gradients, jit_compile=jit_compile, reduce_retracing=True)
         # `steps` steps in one call: fewer host round trips per step.
@@ -137,7 +167,11 @@ class StepFunctions:
             tf.distribute.ReduceOp.SUM, [*grads, tf.stack([loss, correct, non_finite, stop])])
         skipped = tf.cast(sums[2] > 0, tf.float32) if self.loss_scaled else tf.constant(0.0)
         # The loss scaler sees the summed gradients: non-finite on every replica or on none.
+        calls = self._reduced.calls
         self.optimizer.apply(grads, self.variables)
+        if self._reduced.calls == calls:  # Python, at trace time: costs nothing per step
+            raise RuntimeError(f"Keras {keras.__version__} applied gradients without calling {KERAS_ALL_REDUCE}: it may "
+                               "all-reduce them a second time; see job/step.py _apply_reduced_gradients")
         # A skipped step's loss is often inf/NaN: keep it out of the logged mean. (In float32
         # a non-finite loss stays, and the host stops the run.)
         loss_sum = tf.where(skipped > 0, 0.0, sums[0])

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import fcntl
 import json
 import logging
 import os
@@ -246,38 +245,44 @@ class Workdir:
 
 
 class WorkdirLock:
-    """An advisory flock on <workdir>/.lock holding the owner's pid; released on exit or crash."""
+    """An advisory lock on <workdir>/.lock (filelock's, an flock underneath: released on exit or
+    crash), the file holding the owner's pid for the message a second run gets."""
 
     def __init__(self, workdir: str):
+        from filelock import FileLock
+
         self._path = os.path.join(workdir, ".lock")
-        self._file = None
+        # Not a singleton: a second WorkdirLock, even in this process, is refused like another
+        # run's. The file stays on release (it names the last owner; another run reads it).
+        self._lock = FileLock(self._path, blocking=False, is_singleton=False, thread_local=False,
+                              preserve_lock_file=True, on_acquired=self._write_owner)
+
+    @staticmethod
+    def _write_owner(fd: int) -> None:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
 
     def __enter__(self):
+        from filelock import Timeout
+
         try:
-            self._file = open(self._path, "a+")
+            self._lock.acquire()
+        except Timeout:
+            try:
+                with open(self._path) as f:
+                    owner = f.read().strip() or "unknown"
+            except OSError:
+                owner = "unknown"
+            raise WorkdirBusy(f"workdir {os.path.dirname(self._path)!r} is in use by a live run (pid {owner}); "
+                              "wait for it, stop it, or choose another workdir") from None
         except OSError as err:
             raise WorkdirError(f"workdir={os.path.dirname(self._path)!r}: cannot create or write it "
                                f"({err.strerror}: {err.filename})") from None
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.seek(0)
-            owner = self._file.read().strip() or "unknown"
-            self._file.close()
-            self._file = None
-            raise WorkdirBusy(f"workdir {os.path.dirname(self._path)!r} is in use by a live run (pid {owner}); "
-                              "wait for it, stop it, or choose another workdir") from None
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(str(os.getpid()))
-        self._file.flush()
         return self
 
     def __exit__(self, *exc):
-        if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
+        if self._lock.is_locked:
+            self._lock.release()
 
 
 class RemoteLease:

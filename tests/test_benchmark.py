@@ -5,34 +5,41 @@ import json
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from job.benchmark import Budget, _union_length, benchmark, format_table, scratch_trainer
+from job.benchmark import Budget, _union_length, benchmark, flops_lines, flops_row, format_table, scratch_trainer
 from job.config import load_config
+from job.flops import forward_flops, model_flops, peak_summary
+from job.model import build_model
 from job.train import CACHED_STEPS_PER_CALL
 from tests.conftest import MOCK, REPO, job_env, tiny
 
 TINY = tiny(MOCK, "data.val_split=null", "train.head.augment=none")
-BUDGET = Budget(steps=2, repeats=2, warmup=1)
+BUDGET = Budget(steps=2, repeats=2, warmup=1, matmul_sizes=(128, 256), matmul_repeats=2)
 
 
 def test_benchmark_command_prints_the_table_and_writes_every_field(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text("{}\n")
     args = ["benchmark", str(config), f"workdir={tmp_path}", *TINY, "train.steps_per_call=2",
-            "--steps", "2", "--repeats", "2", "--warmup", "1", "--profile"]
+            "--steps", "2", "--repeats", "2", "--warmup", "1", "--matmul-sizes", "256,512", "--profile"]
     result = subprocess.run([sys.executable, "tests/mock_job.py", "32", *args], cwd=REPO, env=job_env(),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     for line in ["phase head: head on cached features", "phase finetune: classifier at 32px", "feature extraction (once)",
                  "(a) input pipeline alone", "(b) train step alone", "(c) end to end", "(d) verdict", "waiting, from timing",
                  "waiting, from profiler",
-                 "(e) FLOPs per image", "(f) in effect"]:
+                 "(e) FLOPs per image", "achieved", "(f) in effect"]:
         assert line in result.stdout, result.stdout
     report = json.loads((tmp_path / "benchmark.json").read_text())
-    assert report["model_flops"]["forward_backbone"] > 1e6 and report["matmul_peak_flops"]["float32"] > 1e8
+    assert report["model_flops"]["forward_backbone"] > 1e6
+    peak = report["matmul_peak"]["float32"]
+    # Two sizes, each timed 3 times before and 3 times after the phases: the best of the 12.
+    assert peak["runs"] == 12 and set(peak["best_by_size"]) == {"256", "512"}
+    assert peak["best"] == max(peak["best_by_size"].values()) >= peak["median"] >= peak["min"] > 0
     head, finetune = report["phases"]
     assert head["settings"]["feature_cache"] and not finetune["settings"]["feature_cache"]
     assert head["feature_extraction"]["images"] == 32
@@ -47,6 +54,7 @@ def test_benchmark_command_prints_the_table_and_writes_every_field(tmp_path):
         assert phase["verdict"]["input_wait_share"] == phase["profile"]["input_wait_share"]
         assert phase["flops"]["train_per_image"] >= phase["flops"]["forward_per_image"] > 0
         assert phase["flops"]["achieved_step"] > 0 and phase["flops"]["utilization_step"] > 0
+        assert phase["flops"]["matmul_peak"] == peak["best"]
         settings = phase["settings"]
         assert settings["strategy"] == "_DefaultDistributionStrategy" and settings["replicas"] == 1
         assert settings["precision"] == "float32"
@@ -55,7 +63,11 @@ def test_benchmark_command_prints_the_table_and_writes_every_field(tmp_path):
     # A head step on cached features is tiny: at least CACHED_STEPS_PER_CALL of them per call.
     assert (head["settings"]["steps_per_call"], finetune["settings"]["steps_per_call"]) == (CACHED_STEPS_PER_CALL, 2)
     assert finetune["settings"]["resize_on"] == "device"
-    assert finetune["flops"]["train_per_image"] == 3 * finetune["flops"]["forward_per_image"]
+    # The head on cached features: forward and the weight gradient of one Dense layer.
+    assert head["flops"]["train_per_image"] == 2 * head["flops"]["forward_per_image"]
+    # Everything trained: 3x forward less the first convolution's input gradient (not computed).
+    forward = finetune["flops"]["forward_per_image"]
+    assert 2.5 * forward < finetune["flops"]["train_per_image"] < 3 * forward
 
 
 @pytest.fixture
@@ -120,3 +132,54 @@ def test_compare_scripts_write_their_ratios(tmp_path, mock_data):
     assert _script("compare_cache").main(tiny) == 0
     cache = json.loads((tmp_path / "compare_cache.json").read_text())
     assert [r["feature_cache_used"] for r in cache["runs"]] == [False, True] and cache["speedup"] > 0
+
+
+def test_train_flops_count_what_the_step_computes_not_three_forward_passes():
+    """configs/cifar10_quick.yaml's fine-tune (unfreeze=100, 128 px) on cached activations:
+    forward of the top alone, backward of the top alone, nothing below the cut."""
+    config = load_config(None, ["model.image_size=128", "model.weights=none"])
+    flops = model_flops(config, 10, [("head", "features", False), ("frozen", "images", False),
+                                     ("finetune", "activations", 100), ("uncached", "images", 100),
+                                     ("all", "images", "all")])
+    assert flops["outside_layers"] == 0  # every op of the profiled graphs sits in a layer's scope
+    whole = flops["forward_backbone"] + flops["forward_head"]
+    head, frozen, top, uncached, every = (flops["phases"][k] for k in ("head", "frozen", "finetune", "uncached", "all"))
+    # The head on features: forward and its kernel's gradient, no input gradient (old count: 3x).
+    assert head["train"] == 2 * head["forward"] == 2 * flops["forward_head"]
+    assert frozen["train"] == whole + flops["forward_head"] and frozen["backward_inputs"] == 0
+
+    # The top's forward summed per layer is what the profiler counts for the top as a model of its own.
+    model = build_model(config.model, 10, "float32", weights="none")
+    split = model.split(100)
+    assert (split.first_trainable, top["runs_from"], top["lowest_trained"]) == ("block_6_expand",) * 3
+    backbone = model.backbone
+    pool = flops["forward_backbone"] - forward_flops(backbone, (128, 128, 3))
+    top_alone = forward_flops(keras.Model(backbone.get_layer("block_6_expand").input, backbone.output), split.shape)
+    assert top["forward"] == top_alone + pool + flops["forward_head"]
+    assert 0.55 * whole < top["forward"] < 0.7 * whole  # the issue's 123 of 200 MFLOP
+    # Every layer above block_6_expand takes an input gradient, block_6_expand itself does not.
+    expand = forward_flops(keras.Model(backbone.get_layer("block_6_expand").input,
+                                       backbone.get_layer("block_6_expand").output), split.shape)
+    assert top["backward_inputs"] == top["forward"] - expand
+    assert top["backward_weights"] < top["forward"]  # BatchNorm, ReLU, pooling: no trained weights
+    assert top["train"] < 0.65 * 3 * whole  # the old count, 3x the whole model, was ~1.6x this
+    # Not cached: the bottom runs forward, and still no backward below the cut.
+    assert uncached["train"] == top["train"] + (whole - top["forward"])
+    assert every["lowest_trained"] == "Conv1" and 2.5 * whole < every["train"] < 3 * whole
+
+
+def test_a_utilization_over_100_percent_is_flagged_as_a_failed_peak(caplog):
+    peak = peak_summary("float32", [(1024, 100e9), (2048, 90e9), (1024, 40e9)])
+    assert (peak["best"], peak["median"], peak["min"], peak["best_by_size"]) == (100e9, 90e9, 40e9,
+                                                                                  {"1024": 100e9, "2048": 90e9})
+    phase = {"name": "finetune", "forward": 100, "backward_weights": 90, "backward_inputs": 80, "train": 270,
+             "lowest_trained": "block_6_expand", "runs_from": "block_6_expand"}
+    ok = flops_row(phase, 3e8, 2.9e8, peak)
+    assert not ok["peak_failed"] and "81.0% of a float32 matmul peak of 100 GFLOP/s" in "\n".join(flops_lines(ok))
+    over = flops_row(phase, 4e8, 3.9e8, peak)
+    assert over["peak_failed"] and "peak measurement failed" in caplog.text
+    table = "\n".join(flops_lines(over))
+    assert "108.0% (over 100%: THE PEAK MEASUREMENT FAILED" in table and "median 90 GFLOP/s, slowest 40 GFLOP/s" in table
+    assert "machine busy:" not in table
+    busy = flops_row(phase, 3e8, 2.9e8, peak_summary("float32", [(1024, 100e9)], (1.0, 7.5)) | {"cores": 2})
+    assert "machine busy: load average 1.0/7.5 on 2 cores" in "\n".join(flops_lines(busy))

@@ -142,6 +142,15 @@ def test_folding_can_be_turned_off():
     np.testing.assert_array_equal(model.features(images), model.extractor(images, training=False))
 
 
+def test_folding_is_on_by_default_only_where_it_was_measured_to_help(monkeypatch):
+    from job.model import folds_batchnorm
+
+    assert ModelConfig().fold_batchnorm == "auto"
+    assert folds_batchnorm("auto") and folds_batchnorm(True) and not folds_batchnorm(False)  # this CPU
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
+    assert not folds_batchnorm("auto") and folds_batchnorm(True)
+
+
 def test_split_bottom_then_top_is_the_backbone():
     images = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype("float32")
     m = build_model(64, 0.35, "none", 10, 0.2)

@@ -21,7 +21,7 @@ import time
 import pytest
 
 from job.errors import WorkdirBusy
-from job.storage import RemoteLease, Workdir, is_uri, join
+from job.storage import RemoteLease, Workdir, WorkdirLock, is_uri, join
 from tests.conftest import DATASETS, KERAS_HOME, REPO, WEIGHTS, free_port, http_json, job_env, run_job, tiny
 
 
@@ -279,3 +279,23 @@ def test_a_missing_gcs_bucket_is_one_line_and_writes_nothing(gcs_env, real_env):
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip() == ("error: workdir='gs://no-such-bucket/run': bucket 'no-such-bucket' does not "
                                      "exist (or is not visible with these credentials)")
+
+def test_a_local_workdir_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
+    """filelock underneath: a second lock on the same workdir, even in this process, is refused
+    with the holder's pid; released, the workdir can be locked again (the file naming the pid stays)."""
+    from job.errors import WorkdirError
+
+    with WorkdirLock(str(tmp_path)):
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+        with pytest.raises(WorkdirBusy, match=rf"in use by a live run \(pid {os.getpid()}\)"):
+            with WorkdirLock(str(tmp_path)):
+                pass
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())  # the refused one did not touch it
+    (tmp_path / ".lock").write_text("12345678")  # a dead run's pid
+    with WorkdirLock(str(tmp_path)):
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+    assert (tmp_path / ".lock").is_file()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(WorkdirError, match="cannot create or write it"):
+        with WorkdirLock(str(tmp_path / "file" / "run")):  # a file where a directory should be
+            pass
