@@ -46,9 +46,16 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--profile", action="store_true", help="also trace end-to-end steps with the TF profiler")
             p.add_argument("--accelerator-rate", type=float, default=2500.0,
                            help="images/s one accelerator trains at, for the input cores it needs (default 2500, assumed)")
+        if name == "export":
+            p.add_argument("--litert", metavar="KINDS", help="also LiteRT files for phones: float16, int8 or "
+                           "float16,int8 (export/model_<kind>.tflite), measured against the SavedModel")
+        if name == "evaluate":
+            p.add_argument("--model", metavar="PATH", help="a model file instead of the workdir: a .tflite file, "
+                           "a SavedModel folder or a model.keras file")
     guess = sub.add_parser("predict", help="the top classes, by name, of image files, from a trained workdir or export",
                            description="the top classes, by name, of image files, from a trained workdir or export")
-    guess.add_argument("model", help="a workdir (path or s3://, gs://), an export folder, or a model.keras file")
+    guess.add_argument("model", help="a workdir (path or s3://, gs://), an export folder, a model.keras file, "
+                       "a SavedModel folder or a .tflite file")
     guess.add_argument("images", nargs="+", help="image files or folders of them (JPEG, PNG, GIF, BMP)")
     guess.add_argument("--top-k", type=int, default=3, help="classes per image (default 3)")
     guess.add_argument("--json", action="store_true", help="one JSON object per image and line")
@@ -117,6 +124,8 @@ def parse_command_line(argv=None) -> argparse.Namespace:
     if extra and not hasattr(args, "overrides"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
+    if getattr(args, "litert", None):  # a setting like any other: validated (one line) with the rest
+        args.overrides.append(f"export.litert=[{args.litert}]")
     return args
 
 
@@ -246,7 +255,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "export":
         print(export(config, config.workdir))
     else:
-        print(json.dumps(evaluate(config, config.workdir, config.data.eval_split)))
+        print(json.dumps(evaluate(config, config.workdir, config.data.eval_split, args.model)))
     return 0
 
 

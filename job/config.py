@@ -249,6 +249,23 @@ class RayConfig(_Section):
         return self
 
 
+class ExportConfig(_Section):
+    """What `export` writes besides model.keras and the SavedModel (job.litert)."""
+
+    # LiteRT files for phones and edge devices, export/model_<kind>.tflite: float16 weights, or
+    # full-integer int8 (post-training). `python -m job export CONFIG --litert float16,int8` sets it.
+    litert: list[Literal["float16", "int8"]] = []
+    # Images of data.train_split (its first ones) the int8 calibration runs: their activation
+    # ranges set the int8 scales. A few hundred is what TensorFlow's guide suggests.
+    representative_images: int = Field(256, ge=1, le=50_000)
+    # After writing them: each file's accuracy on data.eval_split next to the SavedModel's, and
+    # its median latency per image (batch 1) over latency_runs calls on this machine's CPU.
+    measure: bool = True
+    latency_runs: int = Field(50, ge=1)
+    # LiteRT interpreter threads (accuracy and latency); 1 is what a phone app usually gives it.
+    threads: int = Field(1, ge=1)
+
+
 class Config(_Section):
     workdir: str = "runs/default"
     data: DataConfig = DataConfig()
@@ -257,6 +274,7 @@ class Config(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     ray: RayConfig = RayConfig()
+    export: ExportConfig = ExportConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self):

@@ -51,6 +51,11 @@ class NothingToLoad(JobError):
     """The workdir has neither a checkpoint nor an exported model."""
 
 
+class LiteRTError(JobError):
+    """A LiteRT (.tflite) file cannot be converted, loaded or run (an op LiteRT lacks, the
+    ai-edge-litert package missing); the SavedModel export before it is complete."""
+
+
 class NonFiniteLoss(JobError):
     """The loss or the weights became NaN or inf; the run stops without overwriting good checkpoints."""
 

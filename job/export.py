@@ -5,6 +5,8 @@ newest checkpoint that reads back (warning about damaged ones), and writes:
   <workdir>/export/model.keras     Keras 3 file: uint8 images in, probabilities out
                                    (its first layer is job's ToModelInput: load it with job installed)
   <workdir>/export/saved_model/    TF SavedModel with a `serve` endpoint, for TF Serving
+  <workdir>/export/model_<kind>.tflite  with export.litert (`--litert float16,int8`): LiteRT
+                                   files for phones, measured against the SavedModel (job.litert)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import tensorflow as tf
 from job import data as data_lib
 from job.checkpoints import checkpoints_to_try, restore_newest
 from job.config import Config
-from job.errors import NoReadableCheckpoint, NothingToLoad
+from job.errors import LiteRTError, NoReadableCheckpoint, NothingToLoad
 from job.model import TransferModel, build_model, set_backbone_trainable
 from job.preprocess import to_model_input
 from job.resume import RUN_RECORD, read_run_record
@@ -75,17 +77,19 @@ class MeanOfHalves(keras.layers.Layer):
         return (plain + mirrored) / 2
 
 
-def serving_model(model: TransferModel, config: Config, channels: int = 3) -> keras.Model:
+def serving_model(model: TransferModel, config: Config, channels: int = 3, size: tuple = (None, None),
+                  dtype: str = "uint8") -> keras.Model:
     """Raw uint8 images of any size in, class probabilities out: upscaled as in training
     (data.resize_method, data.sharpen), the mean over the image and its mirror image with
-    model.flip_tta.
+    model.flip_tta. `size` (height, width) fixes the input size and `dtype` its type (float32:
+    pixel values 0..255 as floats) for job.litert's files.
 
     Freezes `model`: a frozen BatchNorm runs in inference mode whatever `training` value
     Keras passes down the nested graphs (seen: an unfrozen one here used batch statistics).
     """
     set_backbone_trainable(model, False)
     d = config.data
-    raw = keras.Input((None, None, channels), dtype="uint8", name="raw_image")
+    raw = keras.Input((*size, channels), dtype=dtype, name="raw_image")
     x = ToModelInput(config.model.image_size, d.resize_method, d.sharpen, d.sharpen_size, name="to_model_input")(raw)
     if config.model.flip_tta:
         # One batch of the images and their mirror images: one forward pass in the graph (the
@@ -152,6 +156,16 @@ def export(config: Config, location: Union[str, Workdir]) -> str:
             json.dump(record, f, indent=1)
         workdir.push("export")
         log.info("exported %s to %s", latest, workdir.uri("export"))
+        if config.export.litert:
+            # After the SavedModel is written and pushed: a LiteRT failure never costs it.
+            from job import litert
+
+            try:
+                litert.write(model, config, record, workdir.path("export"))
+            except LiteRTError as err:
+                raise LiteRTError(f"{err} (the SavedModel export in {workdir.uri('export')} is complete)") from None
+            finally:
+                workdir.push("export")
         return workdir.uri("export")
     finally:
         if workdir is not location:
@@ -164,8 +178,30 @@ def load_exported(path: str) -> keras.Model:
     return keras.models.load_model(path)
 
 
-def evaluate(config: Config, location: str, split: str) -> dict:
-    """Accuracy of the workdir's latest checkpoint (else its exported model) on `split`."""
+def load_model_file(path: str):
+    """(uint8 images -> probabilities, source) of a .tflite file, a SavedModel folder or a model.keras file."""
+    if path.endswith(".tflite"):
+        from job.litert import LiteRTModel
+
+        return LiteRTModel(path), path
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        saved = tf.saved_model.load(path)
+        return (lambda images: saved.serve(tf.constant(images)).numpy()), path
+    if path.endswith(".keras"):
+        served = load_exported(path)
+        return (lambda images: np.asarray(served(images, training=False))), path
+    raise NothingToLoad(f"{path!r}: not a .tflite file, a SavedModel folder or a .keras file")
+
+
+def evaluate(config: Config, location: str, split: str, model_path: Optional[str] = None) -> dict:
+    """Accuracy of the workdir's latest checkpoint (else its exported model) on `split`; of the
+    model file `model_path` (.tflite, SavedModel folder, .keras) instead, if given."""
+    if model_path is not None:
+        from job.litert import accuracy
+
+        predict, source = load_model_file(model_path)
+        acc, count = accuracy(predict, config, split, batch=256)
+        return {"split": split, "accuracy": acc, "examples": count, "source": source}
     workdir = Workdir.open(location)
     try:
         workdir.pull("checkpoints")

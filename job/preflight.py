@@ -16,8 +16,10 @@ from job.config import Config
 def splits_read_by(command: str, config: Config) -> list[str]:
     if command == "evaluate":
         return [config.data.eval_split]
-    if command == "export":
-        return []
+    if command == "export":  # LiteRT: int8 calibrates on the train split; files are measured on eval_split
+        litert = config.export.litert
+        return ([config.data.train_split] if "int8" in litert else []) + (
+            [config.data.eval_split] if litert and config.export.measure else [])
     return [config.data.train_split] + ([config.data.val_split] if config.data.val_split else [])
 
 
