@@ -273,22 +273,28 @@ def test_training_on_a_prepared_dataset_streams_it_and_logs_where_the_caches_wen
 # --- buckets -----------------------------------------------------------------------------------
 
 
-def _upload_tree(s3, bucket: str, tree: Path, prefix: str) -> None:
-    client = s3.client()
+def _upload_tree(uri: str, tree: Path) -> None:
+    from job import storage
+
     for path in tree.rglob("*"):
         if path.is_file():
-            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(tree).as_posix()}")
+            store, root = storage.filesystem(f"{uri}/{path.relative_to(tree).as_posix()}")
+            storage._upload(str(path), store, root)  # noqa: SLF001
 
 
-def test_prepare_from_a_bucket_into_a_bucket_and_two_pipelines_fetch_only_their_own_files(prepared, s3_env,
+@pytest.mark.parametrize("store", ["s3", "gcs"])
+def test_prepare_from_a_bucket_into_a_bucket_and_two_pipelines_fetch_only_their_own_files(prepared, store, request,
                                                                                          monkeypatch, tmp_path):
+    server = request.getfixturevalue(f"{store}_env")
+    scheme = {"s3": "s3", "gcs": "gs"}[store]
     tree, _, local_summary = prepared
-    bucket = s3_env.bucket()
-    _upload_tree(s3_env, bucket, tree, "tree")
+    bucket = server.bucket()
+    _upload_tree(f"{scheme}://{bucket}/tree", tree)
     monkeypatch.setenv("JOB_CACHE_DIR", str(tmp_path / "node"))
-    summary = prepare(f"s3://{bucket}/tree", f"s3://{bucket}/data", "colours", load_config(None, []), min_shards=4)
+    summary = prepare(f"{scheme}://{bucket}/tree", f"{scheme}://{bucket}/data", "colours", load_config(None, []),
+                      min_shards=4)
     assert summary["splits"] == {**local_summary["splits"]} and summary["unreadable"] == 1
-    keys = s3_env.keys(bucket, "data/")
+    keys = server.keys(bucket, "data/")
     assert "data/colours/1.0.0/dataset_info.json" in keys
     assert len([k for k in keys if ".tfrecord-" in k and "/.prepare/" not in k]) == 8
 
@@ -300,7 +306,7 @@ def test_prepare_from_a_bucket_into_a_bucket_and_two_pipelines_fetch_only_their_
         real_download(store, path, local)
 
     monkeypatch.setattr(data_lib.sources.storage, "_download", recording)
-    data = _data(f"s3://{bucket}/data")
+    data = _data(f"{scheme}://{bucket}/data")
     read = []
     for index in range(2):
         fetched.clear()
