@@ -10,6 +10,7 @@ activations are not cached (the phase trains on images). One log line says where
 from __future__ import annotations
 
 import logging
+import math
 
 from job import data as data_lib
 from job.config import DataConfig
@@ -76,3 +77,18 @@ def image_cache(data: DataConfig, info: DatasetInfo, splits: list[str], image_si
     else:
         budget.take(what, decoded, f"disk {choice}")
     return data.model_copy(update={"cache": choice})
+
+
+def activation_bytes_per_image(model) -> int:
+    """Inference working set of one image through `model` (float32): its two largest consecutive
+    layer outputs, the input and output a layer holds at once."""
+    sizes = [4 * math.prod(d for d in layer.output.shape[1:] if d) for layer in model.layers
+             if getattr(layer, "output", None) is not None and hasattr(layer.output, "shape")]
+    return sum(sorted(sizes)[-2:]) if sizes else 0
+
+
+def inference_batch(budget: CacheBudget, share: float, workers_on_node: int, per_image: int, cap: int) -> int:
+    """The largest batch (at most `cap`) whose activations fit in half the memory the caches do not
+    claim: feature extraction at 224 px and batch 256 needs gigabytes, more than a small container has."""
+    free = budget.limit.bytes * (1 - share) / max(workers_on_node, 1) / 2
+    return max(1, min(cap, int(free // max(per_image, 1))))

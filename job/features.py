@@ -31,8 +31,10 @@ class Extractor:
     """compute(preprocess(images)) over this worker's shard of a split (of its `first` examples,
     if given), in float32, with the labels."""
 
-    def __init__(self, strategy, compute: Callable, preprocess: Callable):
+    def __init__(self, strategy, compute: Callable, preprocess: Callable, max_batch: int = EXTRACT_BATCH):
+        # max_batch: what the memory limit allows (job.caches.inference_batch), at most EXTRACT_BATCH.
         self.strategy, self.compute, self.preprocess = strategy, compute, preprocess
+        self.max_batch = max(min(max_batch, EXTRACT_BATCH), 1)
         self._traced = {}
 
     def __call__(self, data: DataConfig, split: str, image_size: int, global_batch: int, mirrored: bool = False,
@@ -40,7 +42,7 @@ class Extractor:
         replicas = self.strategy.num_replicas_in_sync
         # Batches larger than training's are cheap in memory here and amortise per-call
         # overhead; a multiple of the replica count so every replica gets the same share.
-        batch = replicas * max(global_batch // replicas, EXTRACT_BATCH // replicas, 1)
+        batch = replicas * max(min(max(global_batch, EXTRACT_BATCH), self.max_batch) // replicas, 1)
         dataset = self.strategy.distribute_datasets_from_function(
             lambda ctx: data_lib.eval_dataset(data, split, ctx.get_per_replica_batch_size(batch), image_size, ctx, first))
         step = self._traced.get(mirrored)

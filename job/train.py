@@ -142,7 +142,15 @@ class Run:
                 # Built now so a restore fills its slots immediately rather than lazily.
                 optimizer.build(self.trainable(phase))
                 self.optimizers[phase.name] = optimizer
-        self._extract_features = features_lib.Extractor(self.strategy, self.model.features, self.preprocess)
+        # Extraction batches as large as the memory limit allows (at most features_lib.EXTRACT_BATCH).
+        per_image = caches.activation_bytes_per_image(self.model.backbone)
+        self.extract_batch = caches.inference_batch(self.cache_budget, data.memory_share, workers_on_node(), per_image,
+                                                    features_lib.EXTRACT_BATCH)
+        if self.extract_batch < features_lib.EXTRACT_BATCH:
+            self.cache_budget.placed.append(f"extraction batch {self.extract_batch} (not {features_lib.EXTRACT_BATCH}: "
+                                            f"{per_image / 2**20:.1f} MB of activations per image)")
+        self._extract_features = features_lib.Extractor(self.strategy, self.model.features, self.preprocess,
+                                                        self.extract_batch)
         # The frozen bottom of the fine-tune phase, when its activations are cached: it also
         # feeds the head phase, whose features are then the top's on those activations.
         self.split, self._cache = None, {}
@@ -152,7 +160,8 @@ class Run:
                 self.split = self.model.split(finetune.config.unfreeze)
             except ValueError as err:
                 raise ConfigError(f"train.finetune.unfreeze={finetune.config.unfreeze!r} with cache_frozen: {err}") from None
-            self._extract_bottom = features_lib.Extractor(self.strategy, self.split.bottom, self.preprocess)
+            self._extract_bottom = features_lib.Extractor(self.strategy, self.split.bottom, self.preprocess,
+                                                          self.extract_batch)
             if not self._fits("activations of the frozen bottom", int(np.prod(self.split.shape)) * 4,
                               finetune.config.subset, self.augment(finetune) == "flip", "fine-tune on images"):
                 self.split = None
