@@ -29,7 +29,7 @@ def head_phase(config, cache: bool) -> dict:
         trainer.run_phase(phase)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         last = trainer.history.rows[-1]
-        return {"cache_features": cache, "feature_cache_used": run.use_feature_cache(phase), "seconds": seconds, "cpu_seconds": cpu_seconds,
+        return {"cache_features": cache, "feature_cache_used": run.inputs.use_feature_cache(phase), "seconds": seconds, "cpu_seconds": cpu_seconds,
                 "steps": phase.steps, "epochs": phase.config.epochs,
                 "val_accuracy": last["val_accuracy"], "val_loss": last["val_loss"]}
 

@@ -89,7 +89,7 @@ def compare(config: Config, rounds: int, steps: int) -> dict:
         batch, per_call = run.global_batch, config.train.steps_per_call
         phase = next(p for p in run.phases if p.name == "finetune")
         job_steps = run.step_functions(phase)
-        job_data = iter(run.datasets(phase, 0)[0])
+        job_data = iter(run.inputs.datasets(phase, 0)[0])
         job_synthetic = iter(synthetic_dataset(run, phase))
 
         x, y = numpy_split(config, config.data.train_split)

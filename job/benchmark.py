@@ -116,7 +116,7 @@ def effective_settings(run, steps, iterator, cached: bool, per_call: int, frozen
         else config.data.resize_on,
         "feature_cache": cached,
         # The fine-tune top trains on cached activations of the frozen bottom: the layer they feed.
-        "activation_cache": run.split.first_trainable if frozen_cached else None,
+        "activation_cache": run.inputs.split.first_trainable if frozen_cached else None,
         "image_size": config.model.image_size,
         "onednn": onednn_enabled(),
         # BatchNorm layers folded into their convolutions (0: model.fold_batchnorm off).
@@ -168,11 +168,11 @@ def synthetic_dataset(run, phase):
     """One random batch per replica, of what the phase's step takes, repeated: the step with no input cost."""
     config = run.config
     size = config.model.image_size
-    if run.use_feature_cache(phase):
+    if run.inputs.use_feature_cache(phase):
         shape, dtype = (int(run.model.head.input_shape[-1]),), tf.float32
-    elif run.use_frozen_cache(phase):
-        shape, dtype = run.split.shape, tf.float32
-    elif config.data.resize_on == "device" and data_lib.streams(run.data) \
+    elif run.inputs.use_frozen_cache(phase):
+        shape, dtype = run.inputs.split.shape, tf.float32
+    elif config.data.resize_on == "device" and data_lib.streams(run.inputs.data) \
             and not data_lib.source_images_are_small(run.info.image_shape, size):
         shape, dtype = (size, size, 3), tf.uint8  # streamed: cropped and resized once on the host
     elif config.data.resize_on == "device":
@@ -188,7 +188,7 @@ def synthetic_dataset(run, phase):
         labels = tf.random.stateless_uniform((batch,), seed=[0, 1], maxval=run.info.num_classes, dtype=tf.int32)
         return tf.data.Dataset.from_tensors((tf.cast(images, dtype), labels)).repeat().prefetch(2)
 
-    return run.distribute(make)
+    return run.inputs.distribute(make)
 
 
 @tf.function
@@ -281,20 +281,20 @@ def profile_steps(steps, real, profile_dir: str, count: int) -> Optional[dict]:
 
 def phase_inputs(run, phase) -> tuple:
     """(name, inputs, unfreeze) of `phase` for model_flops: what its step reads and trains."""
-    inputs = "features" if run.use_feature_cache(phase) else "activations" if run.use_frozen_cache(phase) else "images"
+    inputs = "features" if run.inputs.use_feature_cache(phase) else "activations" if run.inputs.use_frozen_cache(phase) else "images"
     return phase.name, inputs, False if phase.name == "head" else phase.config.unfreeze
 
 
 def benchmark_phase(run, phase_name: str, budget: Budget, profile_dir: Optional[str]) -> dict:
     phase = next(p for p in run.phases if p.name == phase_name)
-    cached = run.use_feature_cache(phase)
+    cached = run.inputs.use_feature_cache(phase)
     steps = run.step_functions(phase)
     per_call, batch = run.steps_per_call(phase), run.global_batch
     images = budget.steps * batch
     result: dict = {"phase": phase_name}
 
     started = time.perf_counter()
-    train_data, _ = run.datasets(phase, 0)  # extracts the features when cached
+    train_data, _ = run.inputs.datasets(phase, 0)  # extracts the features when cached
     if cached:
         data = run.config.data
         extracted = sum(run.info.split_sizes[split] for split in (data.train_split, data.val_split) if split)
@@ -305,7 +305,7 @@ def benchmark_phase(run, phase_name: str, budget: Budget, profile_dir: Optional[
     log.info("benchmark %s: input pipeline", phase_name)
     result["input"] = time_input(train_data, budget, images)
     result["input"].update(input_cores(result["input"]["images_per_sec"], run.threads, budget.accelerator_images_per_sec))
-    result["input"]["cache"] = run.data.cache
+    result["input"]["cache"] = run.inputs.data.cache
     log.info("benchmark %s: train step on a synthetic batch and end to end", phase_name)
     synthetic = iter(synthetic_dataset(run, phase))
     real = iter(train_data)
@@ -316,7 +316,7 @@ def benchmark_phase(run, phase_name: str, budget: Budget, profile_dir: Optional[
         # Two calls at most: the profiler slows every op and its trace grows with each.
         result["profile"] = profile_steps(steps, real, profile_dir, min(budget.steps, 2))
     result["verdict"] = verdict(pairs, result["input"]["images_per_sec"], batch, result.get("profile"))
-    result["settings"] = effective_settings(run, steps, synthetic, cached, per_call, run.use_frozen_cache(phase))
+    result["settings"] = effective_settings(run, steps, synthetic, cached, per_call, run.inputs.use_frozen_cache(phase))
     return result
 
 

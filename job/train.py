@@ -27,14 +27,13 @@ import numpy as np
 import tensorflow as tf
 
 from job import COMMAND_START
-from job import caches
 from job import data as data_lib
-from job import features as features_lib
 from job.checkpoints import INDEX, Checkpoints
 from job.config import Config, ConfigError
-from job.distribute import (check_gpus, configure_threads, container_cpus, devices_in_use, input_context, is_chief,
+from job.distribute import (check_gpus, configure_threads, container_cpus, devices_in_use, is_chief,
                             make_strategy, wait_for_all_workers, worker_index)
 from job.errors import NonFiniteLoss, Preempted
+from job.phase_inputs import PhaseInputs, subset_examples
 from job.model import TransferModel, build_model, set_backbone_trainable
 from job.periodic import Every, chunk_length
 from job.preemption import StopRequests, TfPreemptionNotice
@@ -55,20 +54,6 @@ CACHED_STEPS_PER_CALL = 100
 # worker's checkpoint directory if a checkpoint was saved at this step, else None).
 # job.launch builds Ray's reporting on it.
 Reporter = Callable[[dict, Optional[str]], None]
-
-
-def workers_on_node() -> int:
-    """Training processes on this node, which share its memory: Ray Train's local world size, else 1."""
-    import sys
-
-    if "ray.train" not in sys.modules:  # not a Ray worker: no need to import Ray
-        return 1
-    try:
-        import ray.train
-
-        return max(1, ray.train.get_context().get_local_world_size())
-    except Exception:  # noqa: BLE001 - outside a Ray Train worker the context has no world
-        return 1
 
 
 def weights_digest(model: keras.Model) -> str:
@@ -99,11 +84,6 @@ def plan_phases(config: Config, train_size: int, global_batch: int) -> list[Phas
     return phases
 
 
-def subset_examples(count: int, subset: float) -> int:
-    """How many of `count` examples a phase with this subset setting trains on: its first ones."""
-    return count if subset == 1 else max(1, int(count * subset))
-
-
 class Run:
     """What every process builds before it trains, writing nothing: the strategy, the data
     sizes and phases, the model, the optimizers and the global step."""
@@ -123,12 +103,6 @@ class Run:
         data = config.data
         self.info = data_lib.dataset_info(data, [data.train_split] + ([data.val_split] if data.val_split else []))
         self.phases = plan_phases(config, self.info.split_sizes[data.train_split], self.global_batch)
-        # What this worker caches, and where: against its share of the container's memory limit.
-        self.pipelines = input_context(self.strategy).num_input_pipelines
-        self.cache_budget = caches.CacheBudget(data.memory_share, workers_on_node())
-        self.data = caches.image_cache(data, self.info, [data.train_split, data.val_split], config.model.image_size,
-                                       self.cache_budget, self.pipelines)
-
         # Same initial head (and, with weights=none, backbone) on every run and worker.
         keras.utils.set_random_seed(config.train.seed)
         lr_scale = learning_rate_scale(config.train, self.global_batch)
@@ -142,52 +116,8 @@ class Run:
                 # Built now so a restore fills its slots immediately rather than lazily.
                 optimizer.build(self.trainable(phase))
                 self.optimizers[phase.name] = optimizer
-        # Extraction batches as large as the memory limit allows (at most features_lib.EXTRACT_BATCH).
-        per_image = caches.activation_bytes_per_image(self.model.backbone)
-        self.extract_batch = caches.inference_batch(self.cache_budget, data.memory_share, workers_on_node(), per_image,
-                                                    features_lib.EXTRACT_BATCH)
-        if self.extract_batch < features_lib.EXTRACT_BATCH:
-            self.cache_budget.placed.append(f"extraction batch {self.extract_batch} (not {features_lib.EXTRACT_BATCH}: "
-                                            f"{per_image / 2**20:.1f} MB of activations per image)")
-        self._extract_features = features_lib.Extractor(self.strategy, self.model.features, self.preprocess,
-                                                        self.extract_batch)
-        # The frozen bottom of the fine-tune phase, when its activations are cached: it also
-        # feeds the head phase, whose features are then the top's on those activations.
-        self.split, self._cache = None, {}
-        finetune = self.phases[1]
-        if finetune.config.cache_frozen and finetune.steps > 0:
-            try:
-                self.split = self.model.split(finetune.config.unfreeze)
-            except ValueError as err:
-                raise ConfigError(f"train.finetune.unfreeze={finetune.config.unfreeze!r} with cache_frozen: {err}") from None
-            self._extract_bottom = features_lib.Extractor(self.strategy, self.split.bottom, self.preprocess,
-                                                          self.extract_batch)
-            if not self._fits("activations of the frozen bottom", int(np.prod(self.split.shape)) * 4,
-                              finetune.config.subset, self.augment(finetune) == "flip", "fine-tune on images"):
-                self.split = None
-        if self.split is not None:
-            # Traced once for any batch size: inference on this worker's cached activations.
-            self._top_features = tf.function(self.split.top_features,
-                                             input_signature=[tf.TensorSpec([None, *self.split.shape], tf.float32)])
-        head = self.phases[0]
-        self.features_fit = not (self.use_feature_cache(head) and head.steps > 0) or self._fits(
-            "backbone features", int(self.model.head.input_shape[-1]) * 4, head.config.subset,
-            self.augment(head) == "flip", "head on images")
-
-    def _fits(self, what: str, bytes_per_image: int, subset: float, mirrored: bool, instead: str) -> bool:
-        """Whether a per-image cache of this worker (train share, val, mirror images) fits its
-        memory budget; takes it from the budget if so, else records where the phase goes instead."""
-        d = self.config.data
-        train = self._first_examples(d.train_split, subset) or self.info.split_sizes[d.train_split]
-        val = self.info.split_sizes.get(d.val_split, 0) if d.val_split else 0
-        images = train * (2 if mirrored else 1) + val * (2 if self.config.model.flip_tta else 1)
-        nbytes = images * bytes_per_image // self.pipelines
-        if self.cache_budget.fits(nbytes):
-            self.cache_budget.take(what, nbytes)
-            return True
-        self.cache_budget.refuse(what, nbytes, instead)
-        return False
-
+        self.inputs = PhaseInputs(config, self.strategy, self.info, self.phases, self.model, self.global_batch,
+                                  self.preprocess)
     def record(self) -> dict:
         """The run's record (job.resume.RUN_RECORD): the global batch in use and what the model was trained on."""
         return {"global_batch": self.global_batch, "replicas": self.replicas, "dataset": self.config.data.name,
@@ -208,29 +138,10 @@ class Run:
         set_backbone_trainable(self.model, phase.config.unfreeze)
         return self.model.classifier.trainable_variables
 
-    def augment(self, phase: Phase) -> str:
-        """The phase's augmentation, "auto" resolved: flips for images no larger than the model
-        input (CIFAR-10), random resized crops and flips for larger ones."""
-        return data_lib.resolve_augment(self.config.augment_for(phase.name), self.info.image_shape,
-                                        self.config.model.image_size)
-
-    def cache_statement(self) -> str:
-        """Each cache of this worker, its size and where it went (memory, disk, not cached), for the log."""
-        return self.cache_budget.statement()
-
-    def use_feature_cache(self, phase: Phase) -> bool:
-        setting = self.config.train.cache_features
-        return (phase.name == "head" and getattr(self, "features_fit", True)
-                and (setting is True or (setting == "auto" and self.augment(phase) == "none")))
-
-    def use_frozen_cache(self, phase: Phase) -> bool:
-        """Fine-tune the top on cached activations of the frozen bottom (train.finetune.cache_frozen)."""
-        return phase.name == "finetune" and self.split is not None
-
     def steps_per_call(self, phase: Phase) -> int:
         """Train steps per tf.function call: the setting, or at least CACHED_STEPS_PER_CALL on cached features."""
         per_call = self.config.train.steps_per_call
-        return max(per_call, CACHED_STEPS_PER_CALL) if self.use_feature_cache(phase) else per_call
+        return max(per_call, CACHED_STEPS_PER_CALL) if self.inputs.use_feature_cache(phase) else per_call
 
     def preprocess(self, images):
         """What the step does to a batch before the model: resize and scale when data.resize_on=device."""
@@ -241,100 +152,16 @@ class Run:
     def step_functions(self, phase: Phase) -> StepFunctions:
         """The steps of `phase`: the head alone on cached features, else the whole classifier."""
         preprocess = lambda x: x  # noqa: E731 - cached inputs are ready
-        if self.use_feature_cache(phase):
+        if self.inputs.use_feature_cache(phase):
             forward = self.model.head
-        elif self.use_frozen_cache(phase):
-            top, head = self.split.top_features, self.model.head
+        elif self.inputs.use_frozen_cache(phase):
+            top, head = self.inputs.split.top_features, self.model.head
             forward = lambda activations, training: head(top(activations), training=training)  # noqa: E731
         else:
             forward, preprocess = self.model.logits, self.preprocess
         return StepFunctions(self.strategy, forward, self.trainable(phase), self.optimizers[phase.name], preprocess,
                              self.global_batch, self.config.train.label_smoothing, self.step,
                              self.config.train.jit_compile, self.config.model.flip_tta)
-
-    # --- data ----------------------------------------------------------------------
-    def distribute(self, make_dataset):
-        """make_dataset(per_replica_batch, input_context) -> tf.data.Dataset, per input pipeline."""
-        return self.strategy.distribute_datasets_from_function(
-            lambda ctx: make_dataset(ctx.get_per_replica_batch_size(self.global_batch), ctx))
-
-    @staticmethod
-    def _skip_batches(phase_step: int, ctx: tf.distribute.InputContext) -> int:
-        # Each input pipeline hands one per-replica batch to each of its local replicas per step.
-        return phase_step * (ctx.num_replicas_in_sync // ctx.num_input_pipelines)
-
-    def datasets(self, phase: Phase, phase_step: int):
-        """(train, val) distributed datasets of `phase` from `phase_step` on: cached features,
-        cached activations of the frozen bottom, or images."""
-        d, m, seed = self.data, self.config.model, self.config.train.seed
-        if self.use_feature_cache(phase):
-            # Evaluating cached features is a matmul: one large batch per replica, not many small ones.
-            return self._cached_datasets(self._features, phase, phase_step, features_lib.FEATURE_EVAL_BATCH)
-        if self.use_frozen_cache(phase):
-            return self._cached_datasets(self._activations, phase, phase_step, features_lib.EXTRACT_BATCH)
-        augment, first = self.augment(phase), self._first_examples(d.train_split, phase.config.subset)
-        train_data = self.distribute(lambda b, ctx: data_lib.train_dataset(
-            d, d.train_split, b, m.image_size, seed, self._skip_batches(phase_step, ctx), ctx, augment, first))
-        val_data = self.distribute(
-            lambda b, ctx: data_lib.eval_dataset(d, d.val_split, b, m.image_size, ctx)) if d.val_split else None
-        return train_data, val_data
-
-    def _first_examples(self, split: str, subset: float) -> Optional[int]:
-        """A `subset` share of `split` as a count of its first examples; None: all of it."""
-        return None if subset == 1 else subset_examples(self.info.split_sizes[split], subset)
-
-    # --- cached outputs of the frozen parts --------------------------------------------
-    def _activations(self, split: str, mirrored: bool = False, subset: float = 1.0):
-        """Activations of the frozen bottom at the fine-tune cut for this worker's shard (its
-        first `subset` share), computed once for the whole shard."""
-        key = (split, mirrored)
-        if key not in self._cache:
-            started = time.perf_counter()
-            self._cache[key] = self._extract_bottom(self.data, split, self.config.model.image_size, self.global_batch,
-                                                    mirrored)
-            log.info("activations at %s of %d images of %s%s in %.1fs", self.split.first_trainable,
-                     int(self._cache[key][1].shape[0]), split, " (mirrored)" if mirrored else "",
-                     time.perf_counter() - started)
-        activations, labels = self._cache[key]
-        first = self._first_examples(split, subset)
-        if first is None:
-            return activations, labels
-        # The shard's share of the split's first examples, as the image pipeline takes them.
-        count = data_lib.shard_count(self.data, split, first, input_context(self.strategy))
-        return activations[:count], labels[:count]
-
-    def _features(self, split: str, mirrored: bool = False, subset: float = 1.0):
-        """Pooled backbone features of this worker's shard (its first `subset` share): from the
-        cached bottom activations when the fine-tune phase caches them, else from images."""
-        # The activations' time is logged on its own: get them before the clock starts.
-        cached = None if self.split is None else self._activations(split, mirrored, subset)
-        started = time.perf_counter()
-        if cached is None:
-            features, labels = self._extract_features(self.data, split, self.config.model.image_size,
-                                                      self.global_batch, mirrored, self._first_examples(split, subset))
-        else:
-            activations, labels = cached
-            features = features_lib.in_batches(self._top_features, activations)
-        log.info("backbone features of %d images of %s%s in %.1fs", int(labels.shape[0]), split,
-                 " (mirrored)" if mirrored else "", time.perf_counter() - started)
-        return features, labels
-
-    def _cached_datasets(self, cache, phase: Phase, phase_step: int, eval_batch: int):
-        """(train, val) over cached per-image tensors, `cache(split, mirrored) -> (tensors, labels)`."""
-        d, seed, subset = self.data, self.config.train.seed, phase.config.subset
-        inputs, labels = cache(d.train_split, subset=subset)
-        mirrored = cache(d.train_split, mirrored=True, subset=subset)[0] if self.augment(phase) == "flip" else None
-        train = self.distribute(lambda b, ctx: features_lib.train_dataset(
-            inputs, labels, b, d.shuffle_buffer, seed, self._skip_batches(phase_step, ctx), mirrored))
-        if not d.val_split:
-            return train, None
-        val_inputs, val_labels = cache(d.val_split)
-        if self.config.model.flip_tta:
-            val_inputs = (val_inputs, cache(d.val_split, mirrored=True)[0])
-        val = self.strategy.distribute_datasets_from_function(
-            lambda ctx: features_lib.eval_dataset(val_inputs, val_labels, eval_batch))
-        return train, val
-
 
 class TrainWindow:
     """Step totals since the last log line."""
@@ -384,9 +211,9 @@ class Trainer:
     def run_phase(self, phase: Phase) -> None:
         run, tel = self.run, self.run.config.telemetry
         position = run.global_step - phase.first_step
-        cached = run.use_feature_cache(phase)
+        cached = run.inputs.use_feature_cache(phase)
         steps = run.step_functions(phase)
-        train_data, val_data = run.datasets(phase, position)
+        train_data, val_data = run.inputs.datasets(phase, position)
         iterator = iter(train_data)
         profiled = self.profile_run if tel.profile_phase == phase.name else None
         window = tel.profile_steps if tel.profile_phase == phase.name else None
@@ -398,8 +225,8 @@ class Trainer:
         log.info("phase %s: steps %d..%d (%d per epoch), global batch %d, %d replicas, %s%s", phase.name, position,
                  phase.steps, phase.steps_per_epoch, run.global_batch, run.replicas,
                  "cached features" if cached else (
-                     f"cached activations at {run.split.first_trainable} ({run.config.model.image_size}px)"
-                     if run.use_frozen_cache(phase) else f"images at {run.config.model.image_size}px"),
+                     f"cached activations at {run.inputs.split.first_trainable} ({run.config.model.image_size}px)"
+                     if run.inputs.use_frozen_cache(phase) else f"images at {run.config.model.image_size}px"),
                  "" if position == 0 else " (resumed)")
         try:
             while position < phase.steps:
@@ -591,7 +418,7 @@ def train_and_evaluate(config: Config, workdir: Optional[Workdir] = None, report
             log.info("devices: %s (%s, %d replicas); threads: %d intra-op, %d inter-op, %d tf.data (%s)",
                      ", ".join(run.devices), type(run.strategy).__name__, run.replicas, t["intra_op"], t["inter_op"],
                      t["tf_data"], t["from"])
-            log.info("%s", run.cache_statement())
+            log.info("%s", run.inputs.statement())
         restored = checkpoints.restore_latest(source, fresh)
         if restored:
             start_fresh(run, fresh)

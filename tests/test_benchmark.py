@@ -82,7 +82,7 @@ def _head_after_training(tmp_path, cache: bool) -> list:
     with scratch_trainer(config) as trainer:
         run = trainer.run
         head = run.phases[0]
-        assert run.use_feature_cache(head) is cache
+        assert run.inputs.use_feature_cache(head) is cache
         trainer.run_phase(head)
         assert run.global_step == 8
         return [w.numpy() for w in run.model.head.weights]
