@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -279,3 +280,25 @@ def test_a_missing_gcs_bucket_is_one_line_and_writes_nothing(gcs_env, real_env):
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip() == ("error: workdir='gs://no-such-bucket/run': bucket 'no-such-bucket' does not "
                                      "exist (or is not visible with these credentials)")
+
+
+@pytest.mark.real_data
+def test_a_dataset_in_gcs_is_read_through_the_emulator(gcs_env, real_env, tmp_path):
+    """data.data_dir=gs://...: the prepared CIFAR-10 folder, uploaded to the GCS server, is fetched
+    into the node cache through job.storage (TensorFlow's gs:// cannot reach an emulator)."""
+    from job.storage import filesystem
+
+    bucket = gcs_env.bucket()
+    store, root = filesystem(f"gs://{bucket}/tfds")
+    for path in sorted((DATASETS / "cifar10").rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as source, store.open_output_stream(f"{root}/{path.relative_to(DATASETS)}") as sink:
+                shutil.copyfileobj(source, sink, 1 << 20)
+    cache = tmp_path / "cache"
+    result = run_job("train", "configs/tiny.yaml", *tiny(), f"data.data_dir=gs://{bucket}/tfds",
+                     f"workdir={tmp_path / 'run'}", env={**gcs_env.env, "KERAS_HOME": str(KERAS_HOME),
+                                                          "JOB_CACHE_DIR": str(cache), "TFDS_DATA_DIR": "/nonexistent"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["step"] == 16
+    fetched = sorted(p.name for p in cache.rglob("*.tfrecord*"))
+    assert fetched == ["cifar10-train.tfrecord-00000-of-00001"], fetched
