@@ -110,3 +110,33 @@ def test_a_copied_checkpoint_is_listed_by_tensorflow_from_a_relative_directory(t
     value.assign(0.0)
     checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
     assert value.numpy() == 3.0
+
+
+def _model_and_optimizer(optimizer: str, trainable: int):
+    import keras
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(2)])
+    for layer in model.layers[:-trainable]:
+        layer.trainable = False
+    opt = keras.optimizers.SGD(momentum=0.9) if optimizer == "sgd" else keras.optimizers.Adam()
+    opt.build(model.trainable_variables)
+    return tf.train.Checkpoint(model=model, step=tf.Variable(7, dtype=tf.int64), opt=opt)
+
+
+def test_layout_of_a_save_is_known_before_it_and_tells_which_object_differs(tmp_path, caplog):
+    from job.checkpoints import layout_differences, needed_layout, restore_newest, saved_layout
+
+    saved = _model_and_optimizer("adam", trainable=2)
+    tf.train.CheckpointManager(saved, str(tmp_path), max_to_keep=3).save(checkpoint_number=7)
+    layout, step = saved_layout(str(tmp_path / "ckpt-7"))
+    assert step == 7 and layout == needed_layout(saved)
+    # Another optimizer, or another set of trained variables: only the optimizer differs.
+    for optimizer, trainable in (("sgd", 2), ("adam", 1)):
+        other = _model_and_optimizer(optimizer, trainable)
+        assert set(layout_differences(layout, needed_layout(other))) == {"opt"}
+        # Restored without it: the weights come back, nothing is called unreadable, no TF warning.
+        with caplog.at_level(logging.WARNING):
+            assert restore_newest(other, str(tmp_path), fresh=frozenset({"opt"})) == str(tmp_path / "ckpt-7")
+        assert not caplog.records, [r.getMessage() for r in caplog.records]
+        for mine, theirs in zip(other.model.weights, saved.model.weights):
+            np.testing.assert_array_equal(mine.numpy(), theirs.numpy())

@@ -489,7 +489,9 @@ def finished_run(offline, tmp_path_factory):
 
 
 def _checkpoint_bytes(workdir: Path) -> dict:
-    return {p.name: p.read_bytes() for p in sorted((workdir / "checkpoints").iterdir())}
+    """Every checkpoint file, and the run's config.yaml, as bytes."""
+    return {**{p.name: p.read_bytes() for p in sorted((workdir / "checkpoints").iterdir())},
+            "config.yaml": (workdir / "config.yaml").read_bytes()}
 
 
 def _rerun_copy(finished_run, tmp_path: Path, offline: dict, *changes: str):
@@ -540,7 +542,8 @@ def test_a_changed_setting_of_a_finished_phase_restores_the_weights_and_says_so(
         r"weights, the optimizer starts fresh \(its phase is not under way at step 16\)$", notes[0]), notes
     assert f"resumed from {workdir / 'checkpoints' / 'ckpt-16'} at step 16" in result.stderr
     assert "WARNING" not in result.stderr, result.stderr[-4000:]  # the export's partial restore says nothing
-    assert _checkpoint_bytes(workdir) == before
+    after = _checkpoint_bytes(workdir)
+    assert after.pop("config.yaml") != before.pop("config.yaml") and after == before  # a resume: the new config
 
 
 @pytest.mark.real_data

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -299,3 +300,27 @@ def test_a_local_workdir_lock_refuses_a_second_holder_and_names_the_first(tmp_pa
     with pytest.raises(WorkdirError, match="cannot create or write it"):
         with WorkdirLock(str(tmp_path / "file" / "run")):  # a file where a directory should be
             pass
+
+
+@pytest.mark.real_data
+def test_a_dataset_in_gcs_is_read_through_the_emulator(gcs_env, real_env, tmp_path):
+    """data.data_dir=gs://...: the prepared CIFAR-10 folder, uploaded to the GCS server, is read in
+    place through job.storage (TensorFlow's gs:// cannot reach an emulator)."""
+    from job.storage import filesystem
+
+    bucket = gcs_env.bucket()
+    store, root = filesystem(f"gs://{bucket}/tfds")
+    for path in sorted((DATASETS / "cifar10").rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as source, store.open_output_stream(f"{root}/{path.relative_to(DATASETS)}") as sink:
+                shutil.copyfileobj(source, sink, 1 << 20)
+    cache = tmp_path / "cache"
+    result = run_job("train", "configs/tiny.yaml", *tiny(), f"data.data_dir=gs://{bucket}/tfds",
+                     f"workdir={tmp_path / 'run'}", env={**gcs_env.env, "KERAS_HOME": str(KERAS_HOME),
+                                                          "JOB_CACHE_DIR": str(cache), "TFDS_DATA_DIR": "/nonexistent"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["step"] == 16
+    # Read in place: only the metadata was copied to the node; the record file passed through
+    # scratch (job.shards.Fetcher), which is gone after the run.
+    assert sorted(p.name for p in (cache / "tfds").rglob("*.json")) == ["dataset_info.json", "features.json"]
+    assert not list(cache.rglob("*.tfrecord*"))
