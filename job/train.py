@@ -122,7 +122,7 @@ class Run:
         """The run's record (job.resume.RUN_RECORD): the global batch in use and what the model was trained on."""
         return {"global_batch": self.global_batch, "replicas": self.replicas, "dataset": self.config.data.name,
                 "num_classes": self.info.num_classes, "class_names": list(self.info.class_names),
-                "image_shape": list(self.info.image_shape)}
+                "image_shape": list(self.info.image_shape), "input_pipelines": self.inputs.pipelines}
 
     @property
     def global_step(self) -> int:
@@ -412,7 +412,9 @@ def train_and_evaluate(config: Config, workdir: Optional[Workdir] = None, report
             stop_sources = (*stop_sources, TfPreemptionNotice())
         stop = stack.enter_context(StopRequests(stop_sources))
         trainer = Trainer(run, workdir, checkpoints, stop, reporter)
+        record_before = None
         if run.chief:
+            record_before = read_previous(workdir)[1]  # before run.json is rewritten
             _write_config(config, run, workdir)
             t = run.threads
             log.info("devices: %s (%s, %d replicas); threads: %d intra-op, %d inter-op, %d tf.data (%s)",
@@ -423,6 +425,8 @@ def train_and_evaluate(config: Config, workdir: Optional[Workdir] = None, report
         if restored:
             start_fresh(run, fresh)
             log.info("resumed from %s at step %d", restored, run.global_step)
+            if note := _order_changed(record_before, run):
+                log.warning("%s", note)
         try:
             for phase in run.phases:
                 if run.global_step < phase.end:
@@ -431,6 +435,26 @@ def train_and_evaluate(config: Config, workdir: Optional[Workdir] = None, report
             trainer.finish("preempted")
             raise
         return trainer.finish("finished")
+
+
+def _order_changed(previous: Optional[dict], run: Run) -> Optional[str]:
+    """Why a resume cannot continue exactly where the last run stopped, in examples; None if it can.
+
+    Resume is exact when the examples are dealt to as many input pipelines as before (the same
+    files, order and seeds). With another count (an elastic Ray restart) each pipeline reads
+    other files, so the rest of the epoch under way is drawn anew."""
+    before = (previous or {}).get("input_pipelines")
+    if not before or before == run.inputs.pipelines:
+        return None
+    step = int(run.step.numpy())
+    phase = next((p for p in run.phases if p.first_step <= step < p.end), None)
+    if phase is None:
+        return None
+    seen = (step - phase.first_step) % phase.steps_per_epoch * run.global_batch
+    return (f"resuming with {run.inputs.pipelines} input pipeline(s) where the interrupted run had {before}: the "
+            f"examples are dealt to workers anew, so the rest of this {phase.name} epoch is a new draw: up to {seen} "
+            f"examples (those seen before the interruption) may be seen twice in it and as many not at all; "
+            "later epochs are whole")
 
 
 def _write_config(config: Config, run: Run, workdir: Workdir) -> None:

@@ -354,3 +354,21 @@ def test_two_ray_workers_train_on_a_prepared_dataset_in_a_bucket_each_reading_it
     train = {rank: {f for f in files if "-train." in f} for rank, files in records.items()}
     assert train[0] == {f"colours-train.tfrecord-{i:05d}-of-00004" for i in (0, 2)}
     assert train[1] == {f"colours-train.tfrecord-{i:05d}-of-00004" for i in (1, 3)}
+
+
+def test_a_resume_on_another_worker_count_says_how_far_from_exact_in_examples():
+    import types
+
+    from job.config import PhaseConfig
+    from job.step import Phase
+    from job.train import _order_changed
+
+    phases = [Phase("head", PhaseConfig(epochs=1, learning_rate=1e-3), 0, 10, 10),
+              Phase("finetune", PhaseConfig(epochs=2, learning_rate=1e-4), 10, 20, 10)]
+    run = types.SimpleNamespace(inputs=types.SimpleNamespace(pipelines=3), step=tf.Variable(23, dtype=tf.int64),
+                                phases=phases, global_batch=32)
+    assert _order_changed({"input_pipelines": 3}, run) is None
+    assert _order_changed({}, run) is None  # a record from before pipelines were recorded: nothing to compare
+    note = _order_changed({"input_pipelines": 2}, run)
+    assert note.startswith("resuming with 3 input pipeline(s) where the interrupted run had 2")
+    assert "finetune epoch is a new draw: up to 96 examples (those seen before the interruption)" in note
