@@ -372,3 +372,21 @@ def test_a_resume_on_another_worker_count_says_how_far_from_exact_in_examples():
     note = _order_changed({"input_pipelines": 2}, run)
     assert note.startswith("resuming with 3 input pipeline(s) where the interrupted run had 2")
     assert "finetune epoch is a new draw: up to 96 examples (those seen before the interruption)" in note
+
+
+def test_a_large_image_folder_starts_on_headers_and_points_at_prepare(prepared, monkeypatch, caplog):
+    from PIL import ImageFile
+
+    from job import image_folder
+
+    tree, _, _ = prepared
+    image_folder.scan.cache_clear()
+    monkeypatch.setattr(image_folder, "LARGE_FOLDER", 10)
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self, *a: decoded.append(self) or None)
+    with caplog.at_level(logging.INFO, logger="job.image_folder"):
+        folder = image_folder.scan(str(tree))
+    image_folder.scan.cache_clear()
+    assert decoded == []  # headers only: no image was decoded to start
+    assert sum(len(files) for files in folder.files.values()) == 60 and len(folder.unreadable) == 1
+    assert any("`python -m job prepare" in r.getMessage() for r in caplog.records)
