@@ -6,6 +6,7 @@ One code path serves 1 CPU, N GPUs in one process (MirroredStrategy) and N worke
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -142,6 +143,25 @@ def container_cpus() -> Optional[float]:
     allowed = len(os.sched_getaffinity(0))
     share = min(quota or allowed, allowed)
     return share if share < (os.cpu_count() or 1) else None
+
+
+# How long the end-of-run barrier waits for a worker when the launcher gives no collective timeout.
+BARRIER_TIMEOUT_S = 600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerShare:
+    """What the launcher grants this process: its CPUs (None: the whole host) and how long a
+    collective may wait for a peer (None: TensorFlow's default, forever). A Ray worker gets
+    them from job.launch; a process on its own from its container (`local_share`)."""
+
+    cpus: Optional[float]
+    cpus_from: str
+    collective_timeout_s: Optional[float] = None
+
+
+def local_share() -> WorkerShare:
+    return WorkerShare(container_cpus(), "container quota")
 
 
 def configure_threads(cpus: Optional[float], source: str) -> dict:

@@ -107,6 +107,7 @@ def _worker_loop(payload: dict) -> None:
     for noisy in ("absl", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
+    from job.distribute import WorkerShare
     from job.train import train_and_evaluate
 
     config = Config.model_validate(payload["config"])
@@ -136,7 +137,9 @@ def _worker_loop(payload: dict) -> None:
         # Rank 0 asks the driver; its vote reaches every rank in the step's all-reduce.
         sources = (DriverStopPoll(payload["control"]),) if rank == 0 else ()
         try:
-            summary = train_and_evaluate(config, workdir, _report, restore_from=source, stop_sources=sources)
+            share = WorkerShare(config.ray.cpus_per_worker, "ray.cpus_per_worker", config.ray.hang_timeout_s)
+            summary = train_and_evaluate(config, workdir, _report, restore_from=source, stop_sources=sources,
+                                         share=share)
         except Preempted as stopped:
             # The checkpoint is saved and reported (with "stopped" in its metrics): the driver decides what next.
             log.info("rank %d: %s", rank, stopped)

@@ -30,8 +30,8 @@ from job import COMMAND_START
 from job import data as data_lib
 from job.checkpoints import INDEX, Checkpoints
 from job.config import Config, ConfigError
-from job.distribute import (check_gpus, configure_threads, container_cpus, devices_in_use, is_chief,
-                            make_strategy, wait_for_all_workers, worker_index)
+from job.distribute import (BARRIER_TIMEOUT_S, WorkerShare, check_gpus, configure_threads, devices_in_use, is_chief,
+                            local_share, make_strategy, wait_for_all_workers, worker_index)
 from job.errors import NonFiniteLoss, Preempted
 from job.phase_inputs import PhaseInputs, subset_examples
 from job.model import TransferModel, build_model, set_backbone_trainable
@@ -88,12 +88,12 @@ class Run:
     """What every process builds before it trains, writing nothing: the strategy, the data
     sizes and phases, the model, the optimizers and the global step."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, share: Optional[WorkerShare] = None):
         self.config = config
-        # A Ray worker gets ray.cpus_per_worker; elsewhere the container's quota, if any.
-        share = (config.ray.cpus_per_worker, "ray.cpus_per_worker") if config.ray.enabled else (container_cpus(), "container quota")
-        self.threads = configure_threads(*share)
-        self.strategy = make_strategy(config.train, config.ray.hang_timeout_s if config.ray.enabled else None)
+        # The launcher's grant (a Ray worker's CPUs and collective timeout); else the container's quota.
+        self.share = share or local_share()
+        self.threads = configure_threads(self.share.cpus, self.share.cpus_from)
+        self.strategy = make_strategy(config.train, self.share.collective_timeout_s)
         check_gpus(config)
         self.devices = devices_in_use(self.strategy)
         self.chief = is_chief(self.strategy)
@@ -345,7 +345,7 @@ class Trainer:
     def finish(self, status: str) -> dict:
         """Once every worker is done with the run's collectives: write summary.json and persist
         what the workdir still lacks; the summary."""
-        wait_for_all_workers(self.run.strategy, f"run {status}", self.run.config.ray.hang_timeout_s)
+        wait_for_all_workers(self.run.strategy, f"run {status}", self.run.share.collective_timeout_s or BARRIER_TIMEOUT_S)
         summary = self.write_summary(status)
         if self.run.chief:
             self.workdir.push("tensorboard")
@@ -379,14 +379,15 @@ class Trainer:
 
 
 def train_and_evaluate(config: Config, workdir: Optional[Workdir] = None, reporter: Optional[Reporter] = None,
-                       restore_from: Optional[str] = None, stop_sources: tuple = ()) -> dict:
+                       restore_from: Optional[str] = None, stop_sources: tuple = (),
+                       share: Optional[WorkerShare] = None) -> dict:
     """Train both phases, resuming from the newest checkpoint of `restore_from` (default: the
     workdir's); return the run summary.
 
     Without `workdir` this process opens config.workdir and, as the chief, holds it for the
     run; a launcher that passes one (job.launch) holds it itself.
     """
-    run = Run(config)  # settings, data and weights are checked before anything is written
+    run = Run(config, share)  # settings, data and weights are checked before anything is written
     own = workdir is None
     workdir = workdir or Workdir.open(config.workdir)
     with contextlib.ExitStack() as stack:
