@@ -1,4 +1,5 @@
-# make train: create .venv if missing, install, run the quick config. make test: the test suite.
+# make train: create .venv if missing, install, run the quick config. make test: the test suite
+# without the tests marked slow (minutes each); make test-all: all of it, as CI runs it.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -14,7 +15,7 @@ ifneq ($(wildcard $(SHARED)/keras),)
 export KERAS_HOME ?= $(SHARED)/keras
 endif
 
-.PHONY: train test install clean
+.PHONY: train test test-all install clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +30,9 @@ train: install
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest -q --slow $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -83,20 +83,20 @@ KERAS_ALL_REDUCE = "_all_reduce_sum_gradients"
 
 
 class _AlreadyReduced:
-    """Stands in for Keras's all-reduce: gradients pass unchanged, and each call is noted (per
-    thread: MirroredStrategy traces its replicas in threads) so the step can check that Keras
-    really went through it."""
+    """Stands in for Keras's all-reduce: gradients pass unchanged, and each call is counted so
+    the step can check, when it is traced, that Keras really went through it. One count for
+    all threads: MirroredStrategy traces replicas in threads, and LossScaleOptimizer may apply
+    them in threads of a merge_call, so a replica's own apply may be counted in another thread;
+    a Keras that stopped calling the hook leaves the count unchanged in every one."""
 
     def __init__(self):
-        self._calls = threading.local()
+        self._lock = threading.Lock()
+        self.calls = 0
 
     def __call__(self, grads_and_vars):
-        self._calls.count = self.calls + 1
+        with self._lock:
+            self.calls += 1
         return list(grads_and_vars)
-
-    @property
-    def calls(self) -> int:
-        return getattr(self._calls, "count", 0)
 
 
 def _apply_reduced_gradients(optimizer) -> _AlreadyReduced:
@@ -111,6 +111,8 @@ def _apply_reduced_gradients(optimizer) -> _AlreadyReduced:
     `apply` must have called it (`StepFunctions._replica_step` checks, at trace time).
     """
     inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if isinstance(installed := vars(inner).get(KERAS_ALL_REDUCE), _AlreadyReduced):
+        return installed  # another StepFunctions on the same optimizer: one hook, one count
     if not callable(getattr(type(inner), KERAS_ALL_REDUCE, None)):
         raise RuntimeError(f"Keras {keras.__version__}: {type(inner).__name__} has no {KERAS_ALL_REDUCE}, which "
                            "job/step.py replaces so that gradients are all-reduced once; see _apply_reduced_gradients")

@@ -43,6 +43,22 @@ MOCK = ["data.data_dir=/nonexistent/tfds", "data.train_split=train", "data.val_s
         "train.batch_size=8", "model.dropout=0.0", "telemetry.log_every_steps=1"]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", default=os.environ.get("RUN_SLOW") == "1",
+                     help="also run the tests marked slow (multi-minute scenarios); `make test-all` and CI do")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`make test` (plain pytest) skips the tests marked slow, with the reason shown by -rs;
+    `make test-all`, `pytest --slow` or RUN_SLOW=1 run them, and .ci/run does."""
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="marked slow: `make test-all` (CI), `pytest --slow` or RUN_SLOW=1 runs it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def tiny(*overrides: str) -> list[str]:
     """TINY with `overrides` (key=value strings, or lists of them) replacing the settings they name."""
     merged = {item.partition("=")[0]: item for item in TINY}

@@ -23,6 +23,8 @@ from tests.conftest import DATASETS, KERAS_HOME, WEIGHTS, run_job, tiny
 from tests.ray_helpers import TINY_RAY, free_ports, local_replica_records, snapshot_has_checkpoint, start_job, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.real_data]
+# The scenarios (a Ray or hand-launched run of 44 steps, signalled, resumed) take 1-7 minutes
+# each: marked slow, so `make test` skips them and `make test-all` (CI) runs them.
 
 # 4 head steps (cached features), then 40 fine-tune steps at 64 px, one step per call:
 # time enough to signal a run mid-fine-tune. Every checkpoint Ray gets is kept.
@@ -42,6 +44,7 @@ def _first_checkpoint(run_dir, job) -> dict:
     return {r["rank"]: r for r in local_replica_records(run_dir)}
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_worker_saves_once_collectively_and_the_run_completes(cluster, tmp_path):
     workdir, run_dir = tmp_path / "run", tmp_path / "run" / "ray" / "worker-sigterm"
     job = start_job(_run_args(cluster, workdir, "worker-sigterm"), cluster.env, tmp_path / "job.log")
@@ -67,6 +70,7 @@ def test_sigterm_to_one_worker_saves_once_collectively_and_the_run_completes(clu
     assert (summary["status"], summary["step"]) == ("finished", TOTAL_STEPS)  # as if never stopped
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_driver_stops_and_a_rerun_on_one_worker_finishes_the_same_run(cluster, tmp_path):
     workdir, run_dir = tmp_path / "run", tmp_path / "run" / "ray" / "driver-sigterm"
     args = _run_args(cluster, workdir, "driver-sigterm")
@@ -99,6 +103,7 @@ def test_sigterm_to_the_driver_stops_and_a_rerun_on_one_worker_finishes_the_same
     assert all(r["restored_from"].endswith(f"checkpoint_step{step:07d}") for r in rerun)
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_of_a_hand_launched_multi_worker_run(tmp_path):
     """Two `python -m job train` processes with TF_CONFIG, no Ray: a SIGTERM to worker 1 makes
     both save at the same step and exit 0; the same two commands again finish the run."""
@@ -140,6 +145,7 @@ def test_sigterm_to_one_process_of_a_hand_launched_multi_worker_run(tmp_path):
     assert (summary["status"], summary["step"], summary["replicas"]) == ("finished", 88, 2)
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_on_ray_ends_the_run_on_its_first_attempt(cluster, tmp_path):
     """A JobError inside the workers (here a non-finite loss) is not retried: ray.max_failures=2
     would otherwise start the worker group 3 times."""
@@ -152,6 +158,7 @@ def test_a_non_finite_loss_on_ray_ends_the_run_on_its_first_attempt(cluster, tmp
     assert cluster.actors("RayTrainWorker") - before == 2  # one worker group of 2: a single attempt
 
 
+@pytest.mark.slow
 def test_a_stopped_worker_ends_the_attempt_and_ray_resumes_from_the_last_checkpoint(cluster, tmp_path):
     """SIGSTOP to rank 1: it neither dies nor answers. Within ray.hang_timeout_s the attempt
     ends (TF's collective and Ray Train's barrier and health check), Ray starts a new group

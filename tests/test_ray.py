@@ -55,6 +55,7 @@ def test_verbose_brings_back_what_tensorflow_and_ray_print(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.real_data
+@pytest.mark.slow
 def test_two_local_workers_agree_and_report(tmp_path, real_env):
     """Embedded local Ray, 2 workers: same weights on both after every epoch, metrics and a
     checkpoint reported each epoch, only the chief writes the workdir, every worker profiled,
@@ -113,6 +114,7 @@ def test_two_local_workers_agree_and_report(tmp_path, real_env):
 
 @pytest.mark.ray
 @pytest.mark.real_data
+@pytest.mark.slow
 def test_job_submit_to_two_node_cluster(cluster, tmp_path):
     """cluster/submit.sh -> `ray job submit --working-dir .`: one worker on each node, the job
     succeeds, checkpoints land in the storage path and the export in the workdir."""
@@ -139,6 +141,7 @@ def test_job_submit_to_two_node_cluster(cluster, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.real_data
+@pytest.mark.slow
 def test_killed_worker_resumes_from_the_bucket(cluster, s3, tmp_path):
     """2 workers into s3://, no shared filesystem: SIGKILL rank 1 once Ray holds a checkpoint;
     Ray restarts the worker group, whose workers start from empty scratch of their own and
@@ -183,6 +186,7 @@ def test_killed_worker_resumes_from_the_bucket(cluster, s3, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.real_data
+@pytest.mark.slow
 def test_job_submit_refuses_a_relative_workdir(cluster, tmp_path):
     """Under `ray job submit` a relative workdir would land in Ray's temporary copy of the
     working directory, which Ray deletes: refused with one line before any worker starts."""

@@ -1,11 +1,15 @@
 """The train step's one all-reduce: Keras's own must stay the identity, or the step refuses to trace."""
 
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from job.step import KERAS_ALL_REDUCE, StepFunctions, _apply_reduced_gradients
+from tests.conftest import REPO, job_env
 
 
 def _steps(optimizer, strategy=None):
@@ -55,3 +59,36 @@ def test_a_keras_that_no_longer_calls_the_hook_fails_at_trace_time(monkeypatch):
     monkeypatch.setattr(cls, "_backend_update_step", renamed)
     with pytest.raises(RuntimeError, match="without calling"):
         steps.train_step(iterator, tf.constant(0.0))
+
+
+def test_two_step_functions_on_one_optimizer_share_the_hook():
+    optimizer = keras.optimizers.SGD(0.1)
+    first, iterator, _ = _steps(optimizer)
+    second, _, _ = _steps(optimizer)
+    assert first._reduced is second._reduced
+    first.train_step(iterator, tf.constant(0.0)).numpy()  # traced after the second was built
+
+
+MIRRORED = """
+import keras, numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from tests.test_step import _steps
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+steps, iterator, model = _steps(optimizer, strategy)
+before = model.get_weights()[0].copy()
+steps.train_step(iterator, tf.constant(0.0)).numpy()
+assert strategy.num_replicas_in_sync == 2 and steps._reduced.calls >= 2
+assert not np.allclose(model.get_weights()[0], before)
+"""
+
+
+def test_loss_scaling_under_mirrored_strategy_applies_through_the_hook():
+    """LossScaleOptimizer over 2 replicas applies through a merge_call, in threads other than the
+    replicas' own: the trace-time check must still see Keras call the hook (a fresh process:
+    logical CPU devices are set before TensorFlow starts)."""
+    result = subprocess.run([sys.executable, "-c", MIRRORED], cwd=REPO, env=job_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
