@@ -86,7 +86,8 @@ def test_both_files_agree_with_the_saved_model(exported, train_images, real_env)
     from job.litert import LiteRTModel
 
     export = exported[0] / "export"
-    expected = tf.saved_model.load(str(export / "saved_model")).serve(tf.constant(train_images)).numpy()
+    saved = tf.saved_model.load(str(export / "saved_model"))  # kept: its functions need its variables alive
+    expected = saved.serve(tf.constant(train_images)).numpy()
     assert np.median(np.sort(expected)[:, -1]) > 0.5  # confident answers: the comparison means something
     float16 = LiteRTModel(str(export / "model_float16.tflite"))(train_images)
     np.testing.assert_allclose(float16, expected, atol=1e-2)
