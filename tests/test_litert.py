@@ -90,7 +90,12 @@ def test_both_files_agree_with_the_saved_model(exported, train_images, real_env)
     expected = saved.serve(tf.constant(train_images)).numpy()
     assert np.median(np.sort(expected)[:, -1]) > 0.5  # confident answers: the comparison means something
     float16 = LiteRTModel(str(export / "model_float16.tflite"))(train_images)
-    np.testing.assert_allclose(float16, expected, atol=1e-2)
+    # Not 1e-2 everywhere: float16 weights move a few probabilities by more (seen: 0.0125 here, 2
+    # of 160; 0.030 on 200 held-out images, the same with the preprocessing left in float32, so
+    # it is the backbone's weights). Typically far less, and the same top class.
+    np.testing.assert_allclose(float16, expected, atol=2e-2)
+    assert np.mean(np.abs(float16 - expected)) < 2e-3
+    np.testing.assert_array_equal(float16.argmax(axis=1), expected.argmax(axis=1))
     np.testing.assert_allclose(float16.sum(axis=1), 1.0, atol=1e-4)
     int8 = LiteRTModel(str(export / "model_int8.tflite"))(train_images)
     assert np.mean(int8.argmax(axis=1) == expected.argmax(axis=1)) >= 0.75
