@@ -171,9 +171,11 @@ class LiteRTModel:
             self.interpreter.allocate_tensors()
             self._batch = images.shape[0]
         scale, zero = self._input["quantization"]
-        if self._input["dtype"] == np.uint8 and (scale, zero) not in ((0.0, 0), (1.0, 0)):
+        dtype = np.dtype(self._input["dtype"])
+        if dtype.kind in "iu" and scale and (scale, zero, dtype) != (1.0, 0, np.uint8):
             # Not written by this module (its int8 input is the raw pixel): quantize as the file says.
-            images = np.clip(np.round(images / scale + zero), 0, 255)
+            limits = np.iinfo(dtype)
+            images = np.clip(np.round(images / scale + zero), limits.min, limits.max)
         try:
             self.interpreter.set_tensor(self._input["index"], images.astype(self._input["dtype"]))
             self.interpreter.invoke()
