@@ -104,6 +104,32 @@ def test_both_files_agree_with_the_saved_model(exported, train_images, real_env)
 
 
 @pytest.mark.real_data
+def test_int8_with_float_preprocessing_keeps_only_the_preprocessing_float(exported, train_images, real_env):
+    import tensorflow as tf
+
+    from job import litert
+    from job.config import load_config
+    from job.export import restore_classifier
+
+    workdir = exported[0]
+    # data_dir named: TFDS read TFDS_DATA_DIR when this process imported it, maybe before real_env.
+    config = load_config("configs/tiny.yaml", [*EXPORT, "export.int8_preprocessing=float", f"data.data_dir={DATASETS}"])
+    model, _, record = restore_classifier(config, str(workdir))
+    blob = litert.convert(model, config, record, "int8", litert._representative(config, (32, 32, 3)))
+    (workdir / "float_preprocessing.tflite").write_bytes(blob)
+    served = litert.LiteRTModel(str(workdir / "float_preprocessing.tflite"))
+    assert served._input["dtype"] == np.uint8 and served._output["dtype"] == np.float32
+    tensors = {t["index"]: t for t in served.interpreter.get_tensor_details()}
+    float_ops = {tensors[o]["name"] for op in served.interpreter._get_ops_details() for o in op["outputs"]
+                 if tensors[o]["dtype"] == np.float32}
+    assert all("to_model_input" in name for name in float_ops - {served._output["name"]}), float_ops
+    assert sum(t["dtype"] == np.int8 for t in tensors.values()) > 100  # the classifier is int8
+    saved = tf.saved_model.load(str(workdir / "export" / "saved_model"))
+    expected = saved.serve(tf.constant(train_images)).numpy()
+    assert np.mean(served(train_images).argmax(axis=1) == expected.argmax(axis=1)) >= 0.75
+
+
+@pytest.mark.real_data
 def test_predict_and_evaluate_take_a_tflite_file(exported, train_images, tmp_path):
     import tensorflow as tf
 
