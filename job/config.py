@@ -258,6 +258,10 @@ class ExportConfig(_Section):
     # Images of data.train_split (its first ones) the int8 calibration runs: their activation
     # ranges set the int8 scales. A few hundred is what TensorFlow's guide suggests.
     representative_images: int = Field(256, ge=1, le=50_000)
+    # "int8": the whole int8 file is integer, the upscaling and sharpening too. "float": those
+    # few ops stay float32 (the classifier is int8): measured on the quick recipe, about half
+    # the int8 file's accuracy loss was the quantized preprocessing (docs/stack.md).
+    int8_preprocessing: Literal["int8", "float"] = "int8"
     # After writing them: each file's accuracy on data.eval_split next to the SavedModel's, and
     # its median latency per image (batch 1) over latency_runs calls on this machine's CPU.
     measure: bool = True

@@ -67,14 +67,26 @@ def upscale(images, image_size: int, method: str, sharpen: float = 0.0, sharpen_
     1.4-1.7x faster than tf.image.resize then avg_pool2d on a 2-core CPU (32 -> 128 px
     bicubic, sharpened). Images already `image_size` pass unchanged (not sharpened).
     """
-    height, width = tf.shape(images)[1], tf.shape(images)[2]
-    rows, columns = resize_matrix(height, image_size, method), resize_matrix(width, image_size, method)
-    up = _apply_per_axis(images, rows, columns)
-    if sharpen:
-        blur = box_blur_matrix(image_size, sharpen_size)
-        blurred = _apply_per_axis(images, blur @ rows, blur @ columns)
+    if images.shape[1] is not None and images.shape[2] is not None:
+        # A size known when tracing (training, a LiteRT file): the matrices are computed now,
+        # eagerly, and enter the graph as constants. Left as ops on constants, the LiteRT
+        # converter folded some but kept a 32 -> 128 ResizeBicubic, an op it has no kernel for.
+        height, width = int(images.shape[1]), int(images.shape[2])
+        with tf.init_scope():
+            rows, columns = (resize_matrix(n, image_size, method).numpy() for n in (height, width))
+            blur = box_blur_matrix(image_size, sharpen_size).numpy() if sharpen else None
+        rows, columns = tf.constant(rows), tf.constant(columns)
+        amount = 0.0 if (height, width) == (image_size, image_size) else sharpen
+        blur = None if blur is None else tf.constant(blur)
+    else:
+        height, width = tf.shape(images)[1], tf.shape(images)[2]
+        rows, columns = resize_matrix(height, image_size, method), resize_matrix(width, image_size, method)
+        blur = box_blur_matrix(image_size, sharpen_size) if sharpen else None
         # A batch of unknown size at trace time (serving) may turn out to be image_size already.
         amount = tf.where((height == image_size) & (width == image_size), 0.0, sharpen)
+    up = _apply_per_axis(images, rows, columns)
+    if sharpen:
+        blurred = _apply_per_axis(images, blur @ rows, blur @ columns)
         up = up + amount * (up - blurred)
     return tf.clip_by_value(up, 0.0, 255.0)  # bicubic, lanczos and sharpening overshoot
 

@@ -86,15 +86,47 @@ def test_both_files_agree_with_the_saved_model(exported, train_images, real_env)
     from job.litert import LiteRTModel
 
     export = exported[0] / "export"
-    expected = tf.saved_model.load(str(export / "saved_model")).serve(tf.constant(train_images)).numpy()
+    saved = tf.saved_model.load(str(export / "saved_model"))  # kept: its functions need its variables alive
+    expected = saved.serve(tf.constant(train_images)).numpy()
     assert np.median(np.sort(expected)[:, -1]) > 0.5  # confident answers: the comparison means something
     float16 = LiteRTModel(str(export / "model_float16.tflite"))(train_images)
-    np.testing.assert_allclose(float16, expected, atol=1e-2)
+    # Not 1e-2 everywhere: float16 weights move a few probabilities by more (seen: 0.0125 here, 2
+    # of 160; 0.030 on 200 held-out images, the same with the preprocessing left in float32, so
+    # it is the backbone's weights). Typically far less, and the same top class.
+    np.testing.assert_allclose(float16, expected, atol=2e-2)
+    assert np.mean(np.abs(float16 - expected)) < 2e-3
+    np.testing.assert_array_equal(float16.argmax(axis=1), expected.argmax(axis=1))
     np.testing.assert_allclose(float16.sum(axis=1), 1.0, atol=1e-4)
     int8 = LiteRTModel(str(export / "model_int8.tflite"))(train_images)
     assert np.mean(int8.argmax(axis=1) == expected.argmax(axis=1)) >= 0.75
     # One image at a time (batch 1, as the latency is measured) gives the batch's answers.
     np.testing.assert_allclose(LiteRTModel(str(export / "model_int8.tflite"))(train_images[:1]), int8[:1], atol=1e-6)
+
+
+@pytest.mark.real_data
+def test_int8_with_float_preprocessing_keeps_only_the_preprocessing_float(exported, train_images, real_env):
+    import tensorflow as tf
+
+    from job import litert
+    from job.config import load_config
+    from job.export import restore_classifier
+
+    workdir = exported[0]
+    # data_dir named: TFDS read TFDS_DATA_DIR when this process imported it, maybe before real_env.
+    config = load_config("configs/tiny.yaml", [*EXPORT, "export.int8_preprocessing=float", f"data.data_dir={DATASETS}"])
+    model, _, record = restore_classifier(config, str(workdir))
+    blob = litert.convert(model, config, record, "int8", litert._representative(config, (32, 32, 3)))
+    (workdir / "float_preprocessing.tflite").write_bytes(blob)
+    served = litert.LiteRTModel(str(workdir / "float_preprocessing.tflite"))
+    assert served._input["dtype"] == np.uint8 and served._output["dtype"] == np.float32
+    tensors = {t["index"]: t for t in served.interpreter.get_tensor_details()}
+    float_ops = {tensors[o]["name"] for op in served.interpreter._get_ops_details() for o in op["outputs"]
+                 if tensors[o]["dtype"] == np.float32}
+    assert all("to_model_input" in name for name in float_ops - {served._output["name"]}), float_ops
+    assert sum(t["dtype"] == np.int8 for t in tensors.values()) > 100  # the classifier is int8
+    saved = tf.saved_model.load(str(workdir / "export" / "saved_model"))
+    expected = saved.serve(tf.constant(train_images)).numpy()
+    assert np.mean(served(train_images).argmax(axis=1) == expected.argmax(axis=1)) >= 0.75
 
 
 @pytest.mark.real_data
