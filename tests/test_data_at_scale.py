@@ -334,6 +334,7 @@ def test_prepare_on_ray_writes_the_shards_as_tasks(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_two_ray_workers_train_on_a_prepared_dataset_in_a_bucket_each_reading_its_own_files(prepared, s3_env, tmp_path):
     tree, _, _ = prepared
     bucket = s3_env.bucket()
