@@ -118,8 +118,8 @@ def tfds_builder(data: DataConfig, prepare: bool = True):
     try:
         builder = tfds.builder(data.name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-        raise DataError(f"data.name={data.name!r}: no such TFDS dataset (see tfds.list_builders()), and no "
-                        f"{data.name}/<version>/ folder in data.data_dir={data.data_dir!r}") from None
+        where = f", and data.data_dir={data.data_dir!r} holds no {data.name}/<version>/ folder" if data.data_dir else ""
+        raise DataError(f"data.name={data.name!r}: no such TFDS dataset (see tfds.list_builders()){where}") from None
     if not builder.is_prepared():
         if not data.download or storage.is_uri(data.data_dir or ""):
             # A common slip: data_dir pointing at the dataset's own folder rather than its parent.
