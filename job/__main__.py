@@ -1,4 +1,4 @@
-"""Command line: python -m job {train,evaluate,export,benchmark} CONFIG [key=value ...] | predict | tensorboard
+"""Command line: python -m job {train,evaluate,export,benchmark} CONFIG [key=value ...] | tune | predict | tensorboard
 
 Exit status 0 on success (also after a clean stop on SIGTERM/SIGINT, ready to resume),
 2 on bad input or environment (config, data, weights, busy or unwritable workdir, disk
@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             p.add_argument("--model", metavar="PATH", help="a model file instead of the workdir: a .tflite file, "
                            "a SavedModel folder or a model.keras file")
+    search = sub.add_parser("tune", help="hyperparameter search with Ray Tune: each trial an ordinary run of the job",
+                            description="a search over the dotted settings SEARCH.yaml names (docs/tune.md); writes "
+                                        "<workdir>/tune/results.csv and best.yaml; a rerun resumes it")
+    search.add_argument("config", help="YAML config file the trials start from, e.g. configs/cifar10_quick.yaml")
+    search.add_argument("search", help="the search: trials, metric, scheduler, max_concurrent, space (e.g. configs/tune_quick.yaml)")
+    search.add_argument("overrides", nargs="*", help="dotted settings for every trial, e.g. workdir=runs/search")
     guess = sub.add_parser("predict", help="the top classes, by name, of image files, from a trained workdir or export",
                            description="the top classes, by name, of image files, from a trained workdir or export")
     guess.add_argument("model", help="a workdir (path or s3://, gs://), an export folder, a model.keras file, "
@@ -209,6 +215,27 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    """Every setting the search can give is checked before Ray starts (job.tune.load_search)."""
+    from job.config import load_config
+    from job.preflight import check_inputs, workdir_problem
+
+    config = load_config(args.config, args.overrides)
+    from job.tune import load_search, run_search
+
+    search = load_search(args.search, config)
+    _configure_logging(config.telemetry.verbose)
+    if not config.ray.enabled:  # on Ray the trials check data and weights where their workers run
+        check_inputs(config, "train")
+    if problem := workdir_problem(config.workdir):
+        from job.errors import WorkdirError
+
+        raise WorkdirError(problem)
+    command = " ".join(["python -m job tune", args.config, args.search, *args.overrides])
+    print(json.dumps(run_search(config, search, command)))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from job.config import load_config
 
@@ -222,6 +249,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "prepare":
         return _prepare(args)
+    if args.command == "tune":
+        return _tune(args)
     config = load_config(args.config, args.overrides)
     _configure_logging(config.telemetry.verbose)
     from job.errors import WorkdirError

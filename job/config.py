@@ -379,6 +379,18 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
         raise ConfigError(_describe(err.errors())) from None
 
 
+def with_settings(config: Config, settings: dict) -> Config:
+    """`config` with dotted settings replaced (`{"train.head.epochs": 2}`, values as YAML gives
+    them), validated again: ConfigError with the same one line as an override otherwise."""
+    tree = config.model_dump(mode="json")
+    for key, value in settings.items():
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_describe(err.errors())) from None
+
+
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 

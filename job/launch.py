@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import tempfile
+import threading
 import time
 from typing import Optional
 
@@ -190,14 +191,14 @@ def worker_runtime_env() -> dict:
                          if name in FORWARDED_ENV or name.startswith("NCCL_")}}
 
 
-def run_config(config: Config, control=None) -> RunConfig:
+def run_config(config: Config, control=None, callbacks: tuple = ()) -> RunConfig:
     return RunConfig(
         name=config.ray.name,
         storage_path=storage_path(config),
         failure_config=FailureConfig(max_failures=config.ray.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=config.ray.keep_checkpoints),
         worker_runtime_env=worker_runtime_env(),
-        callbacks=[FailFast(control)],
+        callbacks=[FailFast(control), *callbacks],
     )
 
 
@@ -316,8 +317,10 @@ def _merge_summary(workdir: Workdir, config: Config, result, export_location: Op
     return summary
 
 
-def train_on_ray(config: Config) -> dict:
-    """Train on Ray workers, then export from the final checkpoint; returns the run summary."""
+def train_on_ray(config: Config, callbacks: tuple = (), export_model: bool = True) -> dict:
+    """Train on Ray workers, then export from the final checkpoint; returns the run summary.
+    `callbacks`: more Ray Train callbacks (job.tune_trial passes its reports on to Ray Tune);
+    `export_model=False` leaves the export to `python -m job export` (a search's trials)."""
     from job.export import export
     from job.resume import check_resume
 
@@ -337,7 +340,7 @@ def train_on_ray(config: Config) -> dict:
             with workdir.claimed(owner=True):  # only now that the inputs are known good
                 for change in check_resume(workdir, config, global_batch):
                     log.info("resuming with a changed setting: %s", change)
-                result, stopped_by = _fit_until_done(config)
+                result, stopped_by = _fit_until_done(config, callbacks)
                 if stopped_by:
                     summary = _merge_summary(workdir, config, result, None, "preempted")
                     raise Preempted(f"stopped by {stopped_by} at step {summary['step']}; checkpoint "
@@ -348,7 +351,8 @@ def train_on_ray(config: Config) -> dict:
                         workdir.pull("checkpoints")
                         adopt_checkpoint(directory, workdir.path("checkpoints"))
                         workdir.push("checkpoints", last=(INDEX,))
-                return _merge_summary(workdir, config, result, export(config, workdir), "finished")
+                exported = export(config, workdir) if export_model else None
+                return _merge_summary(workdir, config, result, exported, "finished")
         finally:
             workdir.close()
     finally:
@@ -356,7 +360,7 @@ def train_on_ray(config: Config) -> dict:
             ray.shutdown()
 
 
-def _fit_until_done(config: Config):
+def _fit_until_done(config: Config, callbacks: tuple = ()):
     """(Ray's result, why the driver was asked to stop or None). A SIGTERM to this process
     asks the workers to stop at the next step boundary (they save and report one checkpoint);
     a second one aborts. A run whose workers stopped because one of them was preempted
@@ -376,11 +380,13 @@ def _fit_until_done(config: Config):
                     asked["reason"])
         control.request_stop.remote(asked["reason"])
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    # A Ray Tune trial runs this on a thread, where no signal handler can be set: Tune stops it.
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if on_main_thread else None
     try:
         restarts = 0
         while True:
-            result = _fit(config, control)
+            result = _fit(config, control, callbacks)
             stopped = (result.metrics or {}).get("stopped")
             if not stopped or asked:
                 return result, asked.get("reason")
@@ -390,17 +396,18 @@ def _fit_until_done(config: Config):
             log.warning("workers stopped at step %s by %s: starting them again from that checkpoint (%d of %s)",
                         result.metrics.get("step"), stopped, restarts, config.ray.max_failures)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
         if printer:
             printer.close()
 
 
-def _fit(config: Config, control):
+def _fit(config: Config, control, callbacks: tuple = ()):
     trainer = TensorflowTrainer(
         _worker_loop,
         train_loop_config={"config": config.model_dump(mode="json"), "control": control},
         scaling_config=scaling_config(config.ray),
-        run_config=run_config(config, control),
+        run_config=run_config(config, control, callbacks),
     )
     log.info("Ray Train: %s workers x (%s CPU, %s GPU), workdir %s, storage %s", config.ray.num_workers,
              config.ray.cpus_per_worker, config.ray.gpus_per_worker if config.ray.use_gpu else 0, config.workdir,
