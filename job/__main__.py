@@ -225,12 +225,14 @@ def _tune(args: argparse.Namespace) -> int:
 
     search = load_search(args.search, config)
     _configure_logging(config.telemetry.verbose)
-    if not config.ray.enabled:  # on Ray the trials check data and weights where their workers run
-        check_inputs(config, "train")
     if problem := workdir_problem(config.workdir):
         from job.errors import WorkdirError
 
         raise WorkdirError(problem)
+    with _native_stderr_to_debug_log():  # TensorFlow's start-up lines (TFDS, Ray Train import it)
+        if not config.ray.enabled:  # on Ray the trials check data and weights where their workers run
+            check_inputs(config, "train")
+        import job.launch  # noqa: F401
     command = " ".join(["python -m job tune", args.config, args.search, *args.overrides])
     print(json.dumps(run_search(config, search, command)))
     return 0

@@ -241,7 +241,8 @@ def preflight(config: Config) -> None:
     ray_config = config.ray
     task = ray.remote(_check_inputs).options(
         num_cpus=ray_config.cpus_per_worker, num_gpus=ray_config.gpus_per_worker if ray_config.use_gpu else 0,
-        resources=ray_config.resources_per_worker, runtime_env=worker_runtime_env(), max_retries=0)
+        resources=ray_config.resources_per_worker, runtime_env=worker_runtime_env(), max_retries=0,
+        scheduling_strategy="DEFAULT")  # not inside the caller's placement group (a Tune trial's)
     problem = ray.get(task.remote(config.model_dump(mode="json")))
     if problem is not None:
         raise problem

@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -59,6 +60,12 @@ class SearchFailed(JobError):
     """Not one trial reported the metric: there is no best trial."""
 
     exit_status = 1
+
+
+class SearchInterrupted(JobError):
+    """Ctrl-C or SIGTERM during the search: Ray Tune saved its state; the same command resumes it."""
+
+    exit_status = 130
 
 
 class Search(_Section):
@@ -178,9 +185,9 @@ def run_search(config: Config, search: Search, command: str) -> dict:
         _claim(root, base, search)
         payload = {"config": base.model_dump(mode="json"), "root": root, "cwd": os.getcwd(),
                    "env": launch.worker_runtime_env()["env_vars"]}
-        # A trial on one process reserves its CPUs; one on Ray Train reserves nothing itself
-        # (Ray Train's controller takes no CPU), its workers reserve theirs.
-        cpus = 0 if config.ray.enabled else config.ray.cpus_per_worker
+        # A trial on one process reserves its CPUs; one on Ray Train next to nothing (Tune refuses
+        # an empty request; Ray Train's controller takes no CPU), its workers reserve theirs.
+        cpus = 0.01 if config.ray.enabled else config.ray.cpus_per_worker
         trainable = tune.with_resources(tune.with_parameters(run_trial, payload=payload), {"CPU": cpus})
         experiment = storage.join(root, "search")
         if tune.Tuner.can_restore(experiment):
@@ -202,12 +209,37 @@ def run_search(config: Config, search: Search, command: str) -> dict:
         log.info("search: %d trials%s, metric %s (%s), scheduler %s, %d at a time; trials in %s",
                  search.trials, " per grid value" if _has_grid(search) else "", search.metric, search.mode,
                  search.scheduler, search.max_concurrent, root)
-        grid = tuner.fit()
+        grid, interrupted = _fit(tuner)
+        if interrupted:
+            raise SearchInterrupted(f"search stopped by signal {interrupted}: {grid.num_terminated + grid.num_errors} "
+                                    f"trials ended, the experiment's state is saved in {experiment}; rerun the same "
+                                    "command to resume it")
         rows = [_row(result, search, root) for result in grid]
         return _write_outputs(rows, base, search, root, workdir, command)
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def _fit(tuner):
+    """(Tuner.fit()'s results, the signal that stopped it or None). Ctrl-C and SIGTERM both take
+    Tune's graceful way out (its SIGUSR1 handler: the trials end, the experiment's state is
+    saved); Tune itself would take SIGINT alone and say nothing to its caller. Twice: abort."""
+    received = []
+
+    def stop(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return tuner.fit(), (received[0] if received else None)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _has_grid(search: Search) -> bool:
