@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                             description="a search over the dotted settings SEARCH.yaml names (docs/tune.md); writes "
                                         "<workdir>/tune/results.csv and best.yaml; a rerun resumes it")
     search.add_argument("config", help="YAML config file the trials start from, e.g. configs/cifar10_quick.yaml")
-    search.add_argument("search", help="the search: trials, metric, scheduler, max_concurrent, space (e.g. configs/tune_quick.yaml)")
+    search.add_argument("search", help="the search: trials, metric, scheduler, max_concurrent, space "
+                        "(e.g. configs/tune_quick.yaml)")
     search.add_argument("overrides", nargs="*", help="dotted settings for every trial, e.g. workdir=runs/search")
     guess = sub.add_parser("predict", help="the top classes, by name, of image files, from a trained workdir or export",
                            description="the top classes, by name, of image files, from a trained workdir or export")

@@ -313,7 +313,7 @@ class Trainer:
         if self.reporter:
             # Every worker: Ray's report is a barrier. Every validation point reports, validated
             # or not, so a Ray run has checkpoints even without a val split.
-            report = {"phase": phase.name, "step": self.run.global_step,
+            report = {"phase": phase.name, "step": self.run.global_step, "total_steps": self.run.phases[-1].end,
                       "weights_sha256": weights_digest(self.run.model.classifier)}
             if metrics:
                 report.update(val_accuracy=metrics["accuracy"], val_loss=metrics["loss"])

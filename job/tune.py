@@ -203,9 +203,10 @@ def run_search(config: Config, search: Search, command: str) -> dict:
                     metric=search.metric, mode=search.mode, num_samples=search.trials, scheduler=scheduler,
                     search_alg=BasicVariantGenerator(random_state=search.seed, max_concurrent=search.max_concurrent),
                     trial_name_creator=trial_dirname, trial_dirname_creator=trial_dirname),
-                run_config=tune.RunConfig(name="search", storage_path=root, verbose=1 if config.telemetry.verbose else 0,
+                run_config=tune.RunConfig(name="search", storage_path=root,
+                                          verbose=1 if config.telemetry.verbose else 0,
                                           failure_config=tune.FailureConfig(max_failures=0),
-                                          callbacks=[TrialTable(search, root)]))
+                                          callbacks=[TrialTable(search)]))
         log.info("search: %d trials%s, metric %s (%s), scheduler %s, %d at a time; trials in %s",
                  search.trials, " per grid value" if _has_grid(search) else "", search.metric, search.mode,
                  search.scheduler, search.max_concurrent, root)
@@ -214,7 +215,7 @@ def run_search(config: Config, search: Search, command: str) -> dict:
             raise SearchInterrupted(f"search stopped by signal {interrupted}: {grid.num_terminated + grid.num_errors} "
                                     f"trials ended, the experiment's state is saved in {experiment}; rerun the same "
                                     "command to resume it")
-        rows = [_row(result, search, root) for result in grid]
+        rows = [_row(result, search, root) for result in grid if result.config is not None]
         return _write_outputs(rows, base, search, root, workdir, command)
     finally:
         if started_ray:
@@ -254,11 +255,11 @@ def _claim(root: str, base: Config, search: Search) -> None:
         if folder.pull("search.json"):
             with open(folder.path("search.json")) as f:
                 before = json.load(f)
-            changed = [key for key in _flat(record) if _flat(before).get(key) != _flat(record)[key]]
-            changed += [key for key in _flat(before) if key not in _flat(record)]
+            old, new = _flat(before), _flat(record)
+            changed = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
             if changed:
                 raise ConfigError(f"workdir={root!r} holds a search started with other settings "
-                                  f"({', '.join(sorted(changed)[:4])}): rerun it as it was to resume, or use another workdir")
+                                  f"({', '.join(changed[:4])}): rerun it as it was to resume, or use another workdir")
             return
         os.makedirs(folder.local, exist_ok=True)
         with open(folder.path("search.json"), "w") as f:
@@ -278,18 +279,12 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def outcome(root: str, trial: str) -> str:
-    """'finished' if the trial's run finished (its summary.json says so), else 'stopped'."""
-    folder = storage.Workdir.open(storage.join(root, trial))
-    try:
-        if not folder.pull("summary.json"):
-            return "stopped"
-        with open(folder.path("summary.json")) as f:
-            return "finished" if json.load(f).get("status") == "finished" else "stopped"
-    except (OSError, ValueError):
-        return "stopped"
-    finally:
-        folder.close()
+def outcome(last: dict) -> str:
+    """'finished' if the trial's last validation was at its run's last step, else 'stopped' (by
+    the scheduler). A trial stopped at its last validation has done all its training: finished
+    (Tune ended it before the job wrote summary.json; `train` on its workdir completes that)."""
+    step, total = last.get("step"), last.get("total_steps")
+    return "finished" if step is not None and step == total else "stopped"
 
 
 def _best(values, mode: str) -> Optional[float]:
@@ -302,7 +297,7 @@ def _row(result, search: Search, root: str) -> dict:
     history = result.metrics_dataframe
     values = list(history[search.metric]) if history is not None and search.metric in history else []
     metrics = result.metrics or {}
-    ended = "failed" if result.error else outcome(root, trial)
+    ended = "failed" if result.error else outcome(metrics)
     error = (str(result.error).strip().splitlines() or [""])[-1][:300] if result.error else ""
     row = {"trial": trial, "ended": ended, **{key: result.config.get(key) for key in search.space},
            f"best_{search.metric}": _best(values, search.mode), "validations": len(values),
@@ -356,7 +351,7 @@ def table_lines(rows: list[dict], search: Search, header: bool = True) -> list[s
         lines.append([row["trial"], *(_short(row[name]) for name in search.space),
                       "-" if value is None else f"{value:.4f}", str(row["validations"]),
                       "stopped early" if row["stopped_early"] else row["ended"], f"{row['wall_seconds']:.0f}s"])
-    return ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in lines]
 
 
 def _short(value) -> str:

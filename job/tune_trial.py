@@ -29,7 +29,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from job.config import Config, with_settings
 
 # What a validation report carries to Tune (the job's reports also hold a weights digest).
-TUNE_METRICS = ("val_accuracy", "val_loss", "phase", "step")
+TUNE_METRICS = ("val_accuracy", "val_loss", "phase", "step", "total_steps")
 
 
 def trial_name(trial_id: str) -> str:
@@ -117,14 +117,14 @@ class TrialTable(tune.Callback):
     """On the driver: a line of the table (job.tune.table_lines) on the console as each trial
     ends, finished, stopped early or failed."""
 
-    def __init__(self, search, root: str):
-        self.search, self.root, self.printed = search, root, 0
+    def __init__(self, search):
+        self.search, self.printed = search, 0
 
     def _print(self, trial, failed: bool) -> None:
         from job.tune import outcome, table_lines
 
         name, metric = trial_name(trial.trial_id), self.search.metric
-        ended = "failed" if failed else outcome(self.root, name)
+        ended = "failed" if failed else outcome(trial.last_result)
         row = {"trial": name, **{key: trial.config.get(key) for key in self.search.space},
                f"best_{metric}": trial.metric_analysis.get(metric, {}).get(self.search.mode),
                "validations": trial.last_result.get("training_iteration", 0), "ended": ended,
