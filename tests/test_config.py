@@ -7,7 +7,8 @@ import pytest
 from job.config import ConfigError, dump_config, load_config, parse_override
 
 # configs/tune_*.yaml are search files of `python -m job tune` (tests/test_tune.py checks them).
-CONFIGS = sorted(p for p in Path(__file__).resolve().parents[1].glob("configs/*.yaml") if not p.name.startswith("tune_"))
+CONFIGS = sorted(p for p in Path(__file__).resolve().parents[1].glob("configs/*.yaml")
+                 if not p.name.startswith("tune_"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
