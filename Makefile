@@ -1,10 +1,15 @@
 # make train: create .venv if missing, install, run the quick config. make test: the test suite
 # without the tests marked slow (minutes each); make test-all: all of it, as CI runs it.
+# Tests run in TEST_WORKERS processes (pytest-xdist), a test file per process at a time so
+# that a module's shared run is made once: most tests wait on subprocesses, Ray and servers,
+# so two processes keep two cores busy. TEST_WORKERS=0 runs them in this process.
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/cifar10_quick.yaml
 ARGS ?=
+TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist loadfile
 SHARED ?= $(abspath ../shared)
 
 # Offline data and weights when this checkout sits next to ../shared; online defaults otherwise.
@@ -29,10 +34,10 @@ train: install
 	$(PY) -m job train $(CONFIG) $(ARGS)
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-all: install
-	$(PY) -m pytest -q --slow $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) --slow $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

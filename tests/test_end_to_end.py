@@ -147,6 +147,7 @@ def _latest_step(workdir: Path) -> int:
     return int(match.group(1)) if match else -1
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     if not WEIGHTS.is_file():
         pytest.skip("offline weights not found")
@@ -172,6 +173,7 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     assert summary["step"] == 16 and summary["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_the_quick_recipe_runs_on_a_slice(tmp_path):
     """configs/cifar10_quick.yaml, what `make train` runs, on 1,000 images: cached activations
     of the frozen bottom, a head on the first third of them (2 steps of 128 an epoch), the

@@ -294,6 +294,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(offline, tmp_p
     assert_loadable(last_good)
 
 
+@pytest.mark.slow
 @pytest.mark.real_data
 def test_mixed_float16_counts_skipped_steps_instead_of_stopping(offline, tmp_path):
     workdir = tmp_path / "run"

@@ -216,6 +216,7 @@ def gcs_run(gcs, tmp_path_factory):
     return bucket, env, first, second, keys_after_first, leftovers
 
 
+@pytest.mark.slow
 @pytest.mark.real_data
 def test_a_run_into_gcs_leaves_everything_in_the_bucket(gcs_run):
     bucket, _, first, _, keys, leftovers = gcs_run
@@ -232,6 +233,7 @@ def test_a_run_into_gcs_leaves_everything_in_the_bucket(gcs_run):
     assert leftovers == []
 
 
+@pytest.mark.slow
 @pytest.mark.real_data
 def test_a_gcs_rerun_without_scratch_resumes_from_the_bucket(gcs_run, gcs):
     bucket, _, _, second, _, _ = gcs_run
@@ -241,6 +243,7 @@ def test_a_gcs_rerun_without_scratch_resumes_from_the_bucket(gcs_run, gcs):
     assert [row["step"] for row in summary["validation_history"]] == [8, 16, 24]
 
 
+@pytest.mark.slow
 @pytest.mark.real_data
 def test_evaluate_and_export_read_the_model_back_from_gcs(gcs_run, gcs):
     bucket, env, _, second, _, _ = gcs_run
@@ -255,6 +258,7 @@ def test_evaluate_and_export_read_the_model_back_from_gcs(gcs_run, gcs):
     assert "runs/tiny/export/model.keras" in before and gcs.keys(bucket, "runs/tiny/export/") == before
 
 
+@pytest.mark.slow
 @pytest.mark.real_data
 def test_tensorboard_command_follows_a_gcs_workdir(gcs_run):
     bucket, env, *_ = gcs_run
@@ -302,6 +306,7 @@ def test_a_local_workdir_lock_refuses_a_second_holder_and_names_the_first(tmp_pa
             pass
 
 
+@pytest.mark.slow
 @pytest.mark.real_data
 def test_a_dataset_in_gcs_is_read_through_the_emulator(gcs_env, real_env, tmp_path):
     """data.data_dir=gs://...: the prepared CIFAR-10 folder, uploaded to the GCS server, is read in

@@ -118,6 +118,7 @@ def test_bad_search_files_fail_in_one_line_before_ray_starts(tmp_path, monkeypat
         assert not (tmp_path / "run").exists(), name
 
 
+@pytest.mark.slow
 def test_the_search_writes_a_row_per_trial_and_asha_stops_the_bad_ones(search):
     tmp, result, _ = search
     assert result.returncode == 0, result.stderr[-5000:]
@@ -139,6 +140,7 @@ def test_the_search_writes_a_row_per_trial_and_asha_stops_the_bad_ones(search):
     assert "stopped early" in table and table.count("finished") == 2, table
 
 
+@pytest.mark.slow
 def test_best_yaml_trains_as_it_is(search, real_weights):
     tmp, result, args = search
     assert result.returncode == 0, result.stderr[-5000:]
