@@ -258,7 +258,7 @@ class ExportConfig(_Section):
     # Images of data.train_split (its first ones) the int8 calibration runs: their activation
     # ranges set the int8 scales. A few hundred is what TensorFlow's guide suggests.
     representative_images: int = Field(256, ge=1, le=50_000)
-    # The int8 file is not full-integer by default: full-integer post-training int8 lost 2.6
+    # The int8 file is not full-integer by default: full-integer post-training int8 lost 1.6-2.6
     # points on the quick recipe, over the 1-point goal; these keep the ops it lost most on in
     # float32 (measured, docs/stack.md). Full-integer: int8_preprocessing=int8 and
     # int8_float_layers=[].

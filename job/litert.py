@@ -12,10 +12,11 @@ probabilities. The serving model's own layers are converted: the upscaling and s
 (job.preprocess, constant matrices once the input size is fixed), the classifier, and with
 model.flip_tta the mirror-image average. Nothing is left outside the file.
 
-The int8 file is not full-integer by default. Full-integer int8 lost 2.6 points on the quick
-recipe (goal: 1); by default the upscaling and sharpening (export.int8_preprocessing=float, about
-half that loss) and the backbone's first convolutions (export.int8_float_layers, where int8 erred
-most per layer) stay float32 (docs/stack.md has the measurements). The export log says which.
+The int8 file is not full-integer by default. Full-integer int8 lost 2.6 points on a
+short-trained quick-recipe model and 1.6 on the `make train` one (goal: 1). By default the
+upscaling and sharpening (export.int8_preprocessing=float, about half that loss) and the
+backbone's first convolutions (export.int8_float_layers, where int8 erred most per layer) stay
+float32 (docs/stack.md has the measurements); the export log says which.
 export.int8_preprocessing=int8 export.int8_float_layers=[] gives the full-integer file.
 
 Full-integer: the input is uint8 with scale 1 and zero point 0 (the raw pixel value;
