@@ -11,6 +11,7 @@ images, so those images get confident answers (seen: 52% on held-out images).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -66,7 +67,7 @@ def test_export_writes_both_files_and_logs_size_accuracy_and_latency(exported):
 
 
 @pytest.mark.real_data
-def test_files_take_raw_uint8_images_and_int8_is_full_integer(exported):
+def test_files_take_raw_uint8_images_and_int8_keeps_only_the_named_ops_float(exported):
     from ai_edge_litert.interpreter import Interpreter
 
     for kind in ("float16", "int8"):
@@ -74,9 +75,18 @@ def test_files_take_raw_uint8_images_and_int8_is_full_integer(exported):
         (given,), (answer,) = interpreter.get_input_details(), interpreter.get_output_details()
         assert given["dtype"] == np.uint8 and list(given["shape"][1:]) == [32, 32, 3]
         assert answer["dtype"] == np.float32 and answer["shape"][-1] == 10
-    # The raw pixel value in (scale 1, zero point 0), and every tensor but the output integer.
-    assert given["quantization"] == (1.0, 0)
-    assert [t["name"] for t in interpreter.get_tensor_details() if t["dtype"] == np.float32] == [answer["name"]]
+    # The default int8 file: float32 only in the upscaling and sharpening and the four named
+    # backbone layers (export.int8_float_layers), int8 elsewhere; and the export log says so.
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    float_ops = {tensors[o]["name"] for op in interpreter._get_ops_details() for o in op["outputs"]
+                 if tensors[o]["dtype"] == np.float32 and op["op_name"] != "DEQUANTIZE"} - {answer["name"]}
+    layers = ("to_model_input", "Conv1", "expanded_conv_depthwise", "block_2_depthwise", "expanded_conv_project")
+    owner = {name: [layer for layer in layers if re.search(rf"/{layer}(_\d+)?/", name)] for name in float_ops}
+    assert all(owner.values()), [name for name, found in owner.items() if not found]
+    assert {layer for found in owner.values() for layer in found} == set(layers)
+    assert sum(t["dtype"] == np.int8 for t in tensors.values()) > 100  # the rest of the classifier is int8
+    assert ("not full-integer, float32: upscaling and sharpening; layers Conv1, expanded_conv_depthwise, "
+            "block_2_depthwise, expanded_conv_project" in exported[1].stderr)
 
 
 @pytest.mark.real_data
@@ -104,7 +114,7 @@ def test_both_files_agree_with_the_saved_model(exported, train_images, real_env)
 
 
 @pytest.mark.real_data
-def test_int8_with_float_preprocessing_keeps_only_the_preprocessing_float(exported, train_images, real_env):
+def test_full_integer_int8_when_nothing_is_kept_float(exported, train_images, real_env):
     import tensorflow as tf
 
     from job import litert
@@ -113,17 +123,17 @@ def test_int8_with_float_preprocessing_keeps_only_the_preprocessing_float(export
 
     workdir = exported[0]
     # data_dir named: TFDS read TFDS_DATA_DIR when this process imported it, maybe before real_env.
-    config = load_config("configs/tiny.yaml", [*EXPORT, "export.int8_preprocessing=float", f"data.data_dir={DATASETS}"])
+    config = load_config("configs/tiny.yaml", [*EXPORT, "export.int8_preprocessing=int8", "export.int8_float_layers=[]",
+                                               f"data.data_dir={DATASETS}"])
+    assert litert.float_ops_description(config) == "full-integer"
     model, _, record = restore_classifier(config, str(workdir))
     blob = litert.convert(model, config, record, "int8", litert._representative(config, (32, 32, 3)))
-    (workdir / "float_preprocessing.tflite").write_bytes(blob)
-    served = litert.LiteRTModel(str(workdir / "float_preprocessing.tflite"))
-    assert served._input["dtype"] == np.uint8 and served._output["dtype"] == np.float32
-    tensors = {t["index"]: t for t in served.interpreter.get_tensor_details()}
-    float_ops = {tensors[o]["name"] for op in served.interpreter._get_ops_details() for o in op["outputs"]
-                 if tensors[o]["dtype"] == np.float32}
-    assert all("to_model_input" in name for name in float_ops - {served._output["name"]}), float_ops
-    assert sum(t["dtype"] == np.int8 for t in tensors.values()) > 100  # the classifier is int8
+    (workdir / "full_integer.tflite").write_bytes(blob)
+    served = litert.LiteRTModel(str(workdir / "full_integer.tflite"))
+    # The raw pixel value in (uint8, scale 1, zero point 0), and every tensor but the output integer.
+    assert served._input["dtype"] == np.uint8 and served._input["quantization"] == (1.0, 0)
+    assert [t["name"] for t in served.interpreter.get_tensor_details() if t["dtype"] == np.float32] == [
+        served._output["name"]]
     saved = tf.saved_model.load(str(workdir / "export" / "saved_model"))
     expected = saved.serve(tf.constant(train_images)).numpy()
     assert np.mean(served(train_images).argmax(axis=1) == expected.argmax(axis=1)) >= 0.75
@@ -202,3 +212,26 @@ def test_an_unknown_litert_kind_is_one_line(tmp_path):
     assert result.returncode == 2
     (line,) = _error_lines(result.stderr)
     assert line.startswith("error: export.litert.1='int4'") and "'float16' or 'int8'" in line
+
+
+def test_an_int8_float_layer_the_model_lacks_is_one_line(monkeypatch):
+    import keras
+
+    import job.export
+    from job import litert
+    from job.config import load_config
+    from job.errors import LiteRTError
+
+    def small(model, config, channels, size, dtype):  # no MobileNetV2: the names are all that matter here
+        raw = keras.Input((*size, channels), dtype=dtype)
+        x = keras.layers.Rescaling(1 / 255, name="to_model_input")(keras.ops.cast(raw, "float32"))
+        x = keras.layers.Dense(4, name="dense")(keras.layers.Flatten()(x))
+        return keras.Model(raw, keras.layers.Dense(2, name="head")(x))
+
+    monkeypatch.setattr(job.export, "serving_model", small)
+    config = load_config(None, ["model.image_size=32", "export.int8_float_layers=[dense,Conv9]"])
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    with pytest.raises(LiteRTError) as failure:
+        litert.convert(None, config, {"image_shape": [32, 32, 3]}, "int8", images)
+    assert str(failure.value) == ("LiteRT int8 conversion failed: export.int8_float_layers: the model has no layer "
+                                  "'Conv9' to keep in float32")
