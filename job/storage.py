@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import datetime
 import json
 import logging
@@ -68,11 +69,38 @@ def _gcs_emulator(uri: str):
     return store, uri[len("gs://"):].rstrip("/")
 
 
+# Every S3 request is bounded, so a store that stops answering fails a request instead of
+# hanging it: connecting, and then receiving nothing for REQUEST_TIMEOUT_S (curl's low-speed
+# limit: a transfer that makes progress is never cut), each retried by the AWS SDK
+# S3_ATTEMPTS times. Longer outages are job.uploads' to ride out (storage.outage_timeout_s).
+CONNECT_TIMEOUT_S, REQUEST_TIMEOUT_S, S3_ATTEMPTS = 5, 10, 3
+
+
+@functools.lru_cache(maxsize=32)
+def _s3(bucket: str, endpoint: str, region: str):
+    from pyarrow import fs
+
+    if not region and not endpoint:
+        region = fs.resolve_s3_region(bucket)
+    return fs.S3FileSystem(region=region or None, endpoint_override=endpoint or None,
+                           connect_timeout=CONNECT_TIMEOUT_S, request_timeout=REQUEST_TIMEOUT_S,
+                           retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS))
+
+
 def filesystem(uri: str):
-    """(pyarrow FileSystem, path within it) for a URI; gs:// goes to STORAGE_EMULATOR_HOST when it is set."""
+    """(pyarrow FileSystem, path within it) for a URI; gs:// goes to STORAGE_EMULATOR_HOST when it is set.
+
+    s3:// honours the standard AWS variables (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL for MinIO,
+    Ceph, R2 or a local server; AWS_REGION / AWS_DEFAULT_REGION, else the bucket's own region)
+    and bounds every request (CONNECT_TIMEOUT_S, REQUEST_TIMEOUT_S)."""
     from pyarrow import fs
 
     try:
+        if uri.startswith("s3://"):
+            path = uri[len("s3://"):].rstrip("/")
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or ""
+            return _s3(path.split("/", 1)[0], endpoint, region), path
         return _gcs_emulator(uri) or fs.FileSystem.from_uri(uri)
     except Exception as err:  # noqa: BLE001 - unknown scheme, bad URI, missing credentials...
         raise WorkdirError(f"{uri!r}: cannot open ({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
@@ -104,9 +132,24 @@ def _remote_files(store, root: str) -> dict[str, int]:
             for info in store.get_file_info(fs.FileSelector(root, recursive=True)) if info.type == fs.FileType.File}
 
 
-def _upload(local_path: str, store, remote_path: str) -> None:
+def _upload(local_path: str, store, remote_path: str, progress=None) -> None:
+    """Copy a local file to the store; `progress()` after every MB handed over (a store that
+    takes them is answering)."""
     with open(local_path, "rb") as source, store.open_output_stream(remote_path) as sink:
-        shutil.copyfileobj(source, sink, 1 << 20)
+        while chunk := source.read(1 << 20):
+            sink.write(chunk)
+            if progress:
+                progress()
+
+
+def local_files(local: str) -> dict[str, str]:
+    """{path relative to `local`: path} of the file `local` ("": itself) or of the files under it,
+    leaving out the ones being written (.part, .tmp, TensorFlow's <checkpoint>_temp folders)."""
+    if os.path.isfile(local):
+        return {"": local}
+    return {os.path.relpath(os.path.join(root, f), local): os.path.join(root, f)
+            for root, _, names in os.walk(local) if not root.endswith("_temp")
+            for f in names if not f.endswith((".part", ".tmp"))}
 
 
 def _download(store, remote_path: str, local_path: str) -> None:
@@ -157,7 +200,7 @@ class Workdir:
 
     location: str
     local: str
-    # (size, mtime) of each file as last pushed, by local path: only what changed is sent again.
+    # (size, mtime) of each file as last pushed or pulled, by its path in the store: only what changed is sent again.
     _pushed: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -179,29 +222,31 @@ class Workdir:
     def uri(self, *parts: str) -> str:
         return join(self.location, *parts)
 
-    def push(self, name: str, mirror: bool = False, last: tuple[str, ...] = ()) -> None:
+    def push(self, name: str, mirror: bool = False, last: tuple[str, ...] = (), files: Optional[dict] = None,
+             progress=None) -> None:
         """Send local file or folder `name` to the workdir (changed files only). `mirror` also
         deletes what is no longer here (rotated checkpoints); files named in `last` go last
-        (an index that names the others)."""
+        (an index that names the others). `files`: {relative path: local file} to send instead
+        of what `name` holds now (job.uploads' snapshot of it); `progress()` as data goes out."""
         if not self.remote:
             return
-        local = self.path(name)
-        if os.path.isfile(local):
-            files = {"": local}
-        else:
-            files = {os.path.relpath(os.path.join(root, f), local): os.path.join(root, f)
-                     for root, _, names in os.walk(local) for f in names if not f.endswith((".part", ".tmp"))}
+        files = local_files(self.path(name)) if files is None else files
         store, root = filesystem(self.uri(name))
         order = sorted(files, key=lambda rel: os.path.basename(rel) in last)
         for rel in order:
-            path = files[rel]
+            path, remote = files[rel], f"{root}/{rel}" if rel else root
             stat = os.stat(path)
-            if self._pushed.get(path) != (stat.st_size, stat.st_mtime_ns):
-                _upload(path, store, f"{root}/{rel}" if rel else root)
-                self._pushed[path] = (stat.st_size, stat.st_mtime_ns)
-        if mirror and os.path.isdir(local):
+            if self._pushed.get(remote) != (stat.st_size, stat.st_mtime_ns):
+                _upload(path, store, remote, progress)
+                self._pushed[remote] = (stat.st_size, stat.st_mtime_ns)
+            if progress:
+                progress()
+        if mirror and "" not in files:
             for rel in set(_remote_files(store, root)) - set(files):
                 store.delete_file(f"{root}/{rel}")
+                self._pushed.pop(f"{root}/{rel}", None)
+                if progress:
+                    progress()
 
     def pull(self, name: str, grown_only: bool = False) -> bool:
         """Fetch file or folder `name` from the workdir into local scratch; False if it has none.
@@ -222,7 +267,7 @@ class Workdir:
                 continue
             _download(store, f"{root}/{rel}", local)
             stat = os.stat(local)
-            self._pushed[local] = (stat.st_size, stat.st_mtime_ns)
+            self._pushed[f"{root}/{rel}"] = (stat.st_size, stat.st_mtime_ns)
         return bool(files)
 
     def claimed(self, owner: bool):
