@@ -86,6 +86,8 @@ def _report(metrics: dict, saved: Optional[str]) -> None:
         with open(workdir.path(name), "a") as f:
             f.write(json.dumps(record) + "\n")
         _REPLICAS["uploads"].push(name)
+    if rank == 0 and _REPLICAS:  # what the driver learns of the run (Ray's Result has no checkpoint's metrics)
+        ray.get(_REPLICAS["control"].set_report.remote(metrics))
     ray.train.report(metrics)
 
 
@@ -138,7 +140,8 @@ def _worker_loop(payload: dict) -> None:
     workdir = Workdir.open(config.workdir)
     _unshared_path_warning(workdir, payload.get("workdir_owner"), rank)
     uploads = Uploads(workdir, config.storage.outage_timeout_s)
-    _REPLICAS.update(workdir=workdir, uploads=uploads, name=f"replicas/rank-{rank}-{os.getpid()}.jsonl")
+    _REPLICAS.update(workdir=workdir, uploads=uploads, name=f"replicas/rank-{rank}-{os.getpid()}.jsonl",
+                     control=payload["control"])
     with tempfile.TemporaryDirectory(prefix=f"rank{rank}-") as scratch:
         # On record in the replica files: a retried worker starts from nothing of its predecessor's.
         local = workdir.local if workdir.remote else scratch
@@ -319,7 +322,8 @@ def check_global_batch(config: Config) -> int:
     return batches.pop()  # one value: per_replica_batch_size is refused with a range (job.config)
 
 
-def _merge_summary(workdir: Workdir, config: Config, result, export_location: Optional[str], status: str) -> dict:
+def _merge_summary(workdir: Workdir, config: Config, metrics: Optional[dict], export_location: Optional[str],
+                   status: str) -> dict:
     """The chief's summary.json plus what only the driver knows (Ray's view, the newest checkpoint
     in the workdir, the command's wall time)."""
     workdir.pull("summary.json")
@@ -330,7 +334,7 @@ def _merge_summary(workdir: Workdir, config: Config, result, export_location: Op
             summary = json.load(f)
     except (OSError, ValueError):
         summary = {}
-    metrics = result.metrics or {}
+    metrics = metrics or {}
     if summary.get("step", -1) < metrics.get("step", -1):  # the chief's summary.json is not visible here
         summary = {"step": metrics["step"], "final_val_accuracy": metrics.get("val_accuracy")}
     summary.update(status=status, wall_seconds=round(time.time() - COMMAND_START, 1), export=export_location,
@@ -367,13 +371,13 @@ def train_on_ray(config: Config) -> dict:
                 owner = None if workdir.remote else str(os.getpid())  # what the workers see in <workdir>/.lock
                 for change in check_resume(workdir, config, global_batch):
                     log.info("resuming with a changed setting: %s", change)
-                result, stopped_by = _fit_until_done(config, owner)
+                metrics, stopped_by = _fit_until_done(config, owner)
                 if stopped_by:
-                    summary = _merge_summary(workdir, config, result, None, "preempted")
+                    summary = _merge_summary(workdir, config, metrics, None, "preempted")
                     raise Preempted(f"stopped by {stopped_by} at step {summary['step']}; checkpoint "
                                     f"{summary['ray']['checkpoint']}; rerun the same command to resume")
                 # The chief has uploaded its last checkpoint before its worker ended: export reads it there.
-                return _merge_summary(workdir, config, result, export(config, workdir), "finished")
+                return _merge_summary(workdir, config, metrics, export(config, workdir), "finished")
         finally:
             workdir.close()
     finally:
@@ -382,7 +386,7 @@ def train_on_ray(config: Config) -> dict:
 
 
 def _fit_until_done(config: Config, owner: Optional[str] = None):
-    """(Ray's result, why the driver was asked to stop or None). A SIGTERM to this process
+    """(rank 0's last reported metrics, why the driver was asked to stop or None). A SIGTERM to this process
     asks the workers to stop at the next step boundary (they save and report one checkpoint);
     a second one aborts. A run whose workers stopped because one of them was preempted
     (SIGTERM) is started again from that checkpoint, up to ray.max_failures times."""
@@ -405,15 +409,17 @@ def _fit_until_done(config: Config, owner: Optional[str] = None):
     try:
         restarts = 0
         while True:
-            result = _fit(config, control, owner)
-            stopped = (result.metrics or {}).get("stopped")
+            ray.get(control.set_report.remote(None))
+            _fit(config, control, owner)
+            metrics = ray.get(control.get_report.remote()) or {}
+            stopped = metrics.get("stopped")
             if not stopped or asked:
-                return result, asked.get("reason")
+                return metrics, asked.get("reason")
             restarts += 1
             if 0 <= config.ray.max_failures < restarts:
-                return result, f"{stopped} (more than ray.max_failures={config.ray.max_failures} times)"
+                return metrics, f"{stopped} (more than ray.max_failures={config.ray.max_failures} times)"
             log.warning("workers stopped at step %s by %s: starting them again from that checkpoint (%d of %s)",
-                        result.metrics.get("step"), stopped, restarts, config.ray.max_failures)
+                        metrics.get("step"), stopped, restarts, config.ray.max_failures)
     finally:
         signal.signal(signal.SIGTERM, previous)
         if printer:

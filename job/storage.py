@@ -29,7 +29,7 @@ import time
 import uuid
 from typing import Optional
 
-from job.errors import WorkdirBusy, WorkdirError
+from job.errors import StorageUnavailable, WorkdirBusy, WorkdirError
 
 log = logging.getLogger(__name__)
 
@@ -223,11 +223,12 @@ class Workdir:
         return join(self.location, *parts)
 
     def push(self, name: str, mirror: bool = False, last: tuple[str, ...] = (), files: Optional[dict] = None,
-             progress=None) -> None:
+             progress=None, sent=None) -> None:
         """Send local file or folder `name` to the workdir (changed files only). `mirror` also
         deletes what is no longer here (rotated checkpoints); files named in `last` go last
         (an index that names the others). `files`: {relative path: local file} to send instead
-        of what `name` holds now (job.uploads' snapshot of it); `progress()` as data goes out."""
+        of what `name` holds now (job.uploads' snapshot of it); `progress()` as data goes out;
+        `sent()` once every file is in the store, before the deletions."""
         if not self.remote:
             return
         files = local_files(self.path(name)) if files is None else files
@@ -241,6 +242,8 @@ class Workdir:
                 self._pushed[remote] = (stat.st_size, stat.st_mtime_ns)
             if progress:
                 progress()
+        if sent:
+            sent()
         if mirror and "" not in files:
             for rel in set(_remote_files(store, root)) - set(files):
                 store.delete_file(f"{root}/{rel}")
@@ -397,13 +400,22 @@ class RemoteLease:
             except OSError as err:  # a passing network fault: the next beat tries again
                 log.warning("could not renew the workdir lease %s: %s", self.workdir.uri(self.NAME), err)
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         self._stop.set()
+        if isinstance(exc, StorageUnavailable):
+            # The store is away: no request to it (each would wait out its timeouts). The lease
+            # names this process, so a rerun on this host takes it over at once; elsewhere it
+            # goes stale after STALE_SECONDS.
+            return
         if self._thread:
             self._thread.join()
         store, path = filesystem(self.workdir.uri(self.NAME))
-        if (self._read() or {}).get("run") == self.record["run"]:
-            store.delete_file(path)
+        try:
+            if (self._read() or {}).get("run") == self.record["run"]:
+                store.delete_file(path)
+        except OSError as err:  # the run's own outcome matters more than the lease's release
+            log.warning("could not release the workdir lease %s (%s); it goes stale in %ds",
+                        self.workdir.uri(self.NAME), " ".join(str(err).split())[:160], self.STALE_SECONDS)
 
 
 def _now() -> str:

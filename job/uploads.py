@@ -127,6 +127,12 @@ class Uploads:
     def _progress(self) -> None:
         self._progress_at = time.monotonic()
 
+    def _sent(self, job: _Push) -> None:
+        """Every file of `job` is in the store, the index last: its checkpoint counts as saved."""
+        if job.step is not None:
+            with self._cond:
+                self.saved = self.workdir.uri(job.name, f"ckpt-{job.step}")
+
     def _fail(self) -> None:
         self._failed = StorageUnavailable(
             f"the workdir's store {self.workdir.location} has not answered for {self.outage_timeout_s:g}s "
@@ -146,10 +152,15 @@ class Uploads:
             delay = FIRST_DELAY_S
             while True:
                 try:
-                    self.workdir.push(job.name, job.mirror, job.last, job.files, self._progress)
+                    self.workdir.push(job.name, job.mirror, job.last, job.files, self._progress,
+                                      sent=lambda job=job: self._sent(job))
                     break
                 except OSError as err:
                     with self._cond:
+                        if self._failed or self._closing:  # the run has been told; nothing more to say
+                            self._busy = None
+                            self._cond.notify_all()
+                            return
                         self._error = " ".join(str(err).split())[:200]
                         if not self._outage_logged:
                             self._outage_logged = True
@@ -165,9 +176,7 @@ class Uploads:
                         self._cond.wait(timeout=min(delay, max(self.outage_timeout_s - self._away(), 0.1)))
                     delay = min(delay * 2, MAX_DELAY_S)
             with self._cond:
-                if job.step is not None:
-                    self.saved = self.workdir.uri(job.name, f"ckpt-{job.step}")
-                if self._outage_logged:
+                if self._outage_logged and not self._failed:
                     log.warning("the workdir's store %s answers again%s", self.workdir.location,
                                 f"; checkpoint of step {job.step} is complete in it" if job.step is not None else "")
                 self._outage_logged, self._error = False, None

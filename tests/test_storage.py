@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -324,3 +325,123 @@ def test_a_dataset_in_gcs_is_read_through_the_emulator(gcs_env, real_env, tmp_pa
     # scratch (job.shards.Fetcher), which is gone after the run.
     assert sorted(p.name for p in (cache / "tfds").rglob("*.json")) == ["dataset_info.json", "features.json"]
     assert not list(cache.rglob("*.tfrecord*"))
+
+
+# --- the store stops answering mid-run (SIGSTOP to moto_server) --------------------------------
+#
+# The run pauses at known steps (JOB_TEST_HOLD_STEPS: it writes held-<step> into
+# JOB_TEST_HOLD_DIR and waits for go-<step>), so the store is frozen and thawed at known
+# points of training, never after a sleep.
+
+def _hold_until(path, job, what: str) -> None:
+    from tests.ray_helpers import wait_for
+
+    wait_for(path.exists, 300, what, interval=0.05, alive=lambda: job.poll() is None)
+
+
+def _index_names(s3, bucket: str, key: str):
+    if key not in s3.keys(bucket, key):
+        return None
+    return s3.client().get_object(Bucket=bucket, Key=key)["Body"].read().decode().split('"')[1]
+
+
+def _store_checkpoints_read_back(s3, bucket: str, prefix: str, tmp_path) -> dict:
+    """{checkpoint: its saved global step}, for every checkpoint the store's index lists, each
+    read back whole (every tensor) from a fresh copy of the store's checkpoints folder."""
+    import tensorflow as tf
+
+    workdir = Workdir.open(f"s3://{bucket}/{prefix}")
+    try:
+        assert workdir.pull("checkpoints")
+        state = tf.train.get_checkpoint_state(workdir.path("checkpoints"))
+        steps = {}
+        for path in state.all_model_checkpoint_paths:
+            reader = tf.train.load_checkpoint(workdir.path("checkpoints", os.path.basename(path)))
+            for name in reader.get_variable_to_shape_map():
+                reader.get_tensor(name)
+            steps[os.path.basename(path)] = int(reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE"))
+        return steps
+    finally:
+        workdir.close()
+
+
+def _frozen_run(s3, bucket, tmp_path, holds: str, *extra: str):
+    from tests.ray_helpers import start_job
+
+    env = {**s3.env, "TFDS_DATA_DIR": str(DATASETS), "KERAS_HOME": str(KERAS_HOME), "RAY_ADDRESS": "",
+           "JOB_TEST_HOLD_STEPS": holds, "JOB_TEST_HOLD_DIR": str(tmp_path)}
+    args = ["train", "configs/tiny.yaml", *tiny(), "storage.outage_timeout_s=600", *extra, f"workdir=s3://{bucket}/run"]
+    return start_job(args, env, tmp_path / "job.log")
+
+
+@pytest.mark.real_data
+def test_a_store_frozen_over_two_checkpoints_is_ridden_out_and_every_checkpoint_lands_whole(s3_env, tmp_path):
+    """Frozen once ckpt-4 is in the bucket, thawed at step 12: training went on meanwhile
+    (checkpoints 8 and 12 saved locally, their upload waiting); the run finishes and every
+    checkpoint the bucket's index lists is complete and reads back."""
+    if not (DATASETS / "cifar10").is_dir() or not WEIGHTS.is_file():
+        pytest.skip("offline CIFAR-10 and weights not found")
+    bucket = s3_env.bucket()
+    job = _frozen_run(s3_env, bucket, tmp_path, "4,12")
+    frozen = False
+    try:
+        _hold_until(tmp_path / "held-4", job, "step 4")
+        from tests.ray_helpers import wait_for
+
+        wait_for(lambda: _index_names(s3_env, bucket, "run/checkpoints/checkpoint") == "ckpt-4", 120,
+                 "ckpt-4 complete in the bucket", interval=0.1, alive=lambda: job.poll() is None)
+        os.kill(s3_env.process.pid, signal.SIGSTOP)
+        frozen = True
+        (tmp_path / "go-4").touch()
+        _hold_until(tmp_path / "held-12", job, "step 12 with the store frozen")  # training went on
+        os.kill(s3_env.process.pid, signal.SIGCONT)
+        frozen = False
+        (tmp_path / "go-12").touch()
+        assert job.wait(timeout=600) == 0, (tmp_path / "job.log").read_text()[-5000:]
+    finally:
+        if frozen:
+            os.kill(s3_env.process.pid, signal.SIGCONT)
+        if job.poll() is None:
+            job.kill()
+    log = (tmp_path / "job.log").read_text()
+    saved = [int(s) for s in re.findall(r"checkpoint of step (\d+) saved, uploading to", log)]
+    assert saved == [4, 8, 12, 16], log[-4000:]
+    assert _store_checkpoints_read_back(s3_env, bucket, "run", tmp_path) == {"ckpt-8": 8, "ckpt-12": 12, "ckpt-16": 16}
+    summary = json.loads(s3_env.client().get_object(Bucket=bucket, Key="run/summary.json")["Body"].read())
+    assert (summary["status"], summary["step"]) == ("finished", 16)
+
+
+@pytest.mark.real_data
+def test_a_store_away_past_the_bound_ends_the_run_naming_the_last_safe_checkpoint(s3_env, tmp_path):
+    """Frozen once ckpt-4 is in the bucket and never thawed during the run: with
+    storage.outage_timeout_s=3 the run ends with one line naming the store and ckpt-4, exit 75;
+    once the store is back, ckpt-4 is complete there and reads back."""
+    if not (DATASETS / "cifar10").is_dir() or not WEIGHTS.is_file():
+        pytest.skip("offline CIFAR-10 and weights not found")
+    bucket = s3_env.bucket()
+    job = _frozen_run(s3_env, bucket, tmp_path, "4", "storage.outage_timeout_s=3")
+    frozen = False
+    try:
+        _hold_until(tmp_path / "held-4", job, "step 4")
+        from tests.ray_helpers import wait_for
+
+        wait_for(lambda: _index_names(s3_env, bucket, "run/checkpoints/checkpoint") == "ckpt-4", 120,
+                 "ckpt-4 complete in the bucket", interval=0.1, alive=lambda: job.poll() is None)
+        os.kill(s3_env.process.pid, signal.SIGSTOP)
+        frozen = True
+        (tmp_path / "go-4").touch()
+        status = job.wait(timeout=600)
+    finally:
+        if frozen:
+            os.kill(s3_env.process.pid, signal.SIGCONT)
+        if job.poll() is None:
+            job.kill()
+    log = (tmp_path / "job.log").read_text()
+    print(log.strip().splitlines()[-1])  # shown with -s
+    assert status == 75, log[-5000:]
+    assert re.fullmatch(rf"error: the workdir's store s3://{bucket}/run has not answered for 3s "
+                        rf"\(storage\.outage_timeout_s; [^)]*\); the last checkpoint safe in it is "
+                        rf"s3://{bucket}/run/checkpoints/ckpt-4: rerun the same command to resume from it once the "
+                        r"store is back", log.strip().splitlines()[-1]), log[-3000:]
+    assert "Traceback" not in log
+    assert _store_checkpoints_read_back(s3_env, bucket, "run", tmp_path) == {"ckpt-4": 4}
