@@ -333,10 +333,21 @@ class WorkdirLock:
             self._lock.release()
 
 
+class LeaseTaken(Exception):
+    """A conditional write of the lease found another run's lease there (S3 412 / 409)."""
+
+
 class RemoteLease:
     """Object stores have no flock: the run writes `<workdir>/.lock.json` (run id, host, pid)
     and rewrites it every HEARTBEAT_SECONDS while it lives; another run refuses the workdir
-    while that lease is fresh, unless it names a process on this host that is gone."""
+    while that lease is fresh, unless it names a process on this host that is gone.
+
+    On s3:// every write of the lease is conditional (PutObject If-None-Match: * to create it,
+    If-Match: <the ETag last seen> to renew or take over a stale one), so of two runs that
+    start together, or take over the same stale lease together, exactly one gets it. Other
+    stores (gs:// through pyarrow, which has no preconditions) write, then read back: two
+    runs that start within the same moment can both get past that check.
+    """
 
     NAME = ".lock.json"
     HEARTBEAT_SECONDS = 60
@@ -348,7 +359,55 @@ class RemoteLease:
                        "started": _now()}
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self.conditional = self.workdir.uri(self.NAME).startswith("s3://")
+        self._etag: Optional[str] = None
 
+    # --- s3://: conditional writes (boto3) ----------------------------------------------------
+    def _s3(self):
+        import boto3
+        from botocore.config import Config
+
+        bucket, key = self.workdir.uri(self.NAME)[len("s3://"):].split("/", 1)
+        client = boto3.client("s3", config=Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=REQUEST_TIMEOUT_S,
+                                                  retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"}))
+        return client, bucket, key
+
+    def _put(self, **condition) -> str:
+        """Write the lease under `condition` (IfNoneMatch="*" or IfMatch=etag); its new ETag.
+        LeaseTaken if the condition does not hold; OSError for anything else."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        client, bucket, key = self._s3()
+        body = json.dumps({**self.record, "heartbeat": _now()}).encode()
+        try:
+            return client.put_object(Bucket=bucket, Key=key, Body=body, **condition)["ETag"]
+        except ClientError as err:
+            if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+                raise LeaseTaken() from None
+            raise OSError(str(err)) from None
+        except BotoCoreError as err:
+            raise OSError(str(err)) from None
+
+    def _get(self) -> tuple[Optional[dict], Optional[str]]:
+        """(the lease in the store, its ETag), or (None, None)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        client, bucket, key = self._s3()
+        try:
+            found = client.get_object(Bucket=bucket, Key=key)
+            body, etag = found["Body"].read(), found["ETag"]
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None, None
+            raise OSError(str(err)) from None
+        except BotoCoreError as err:
+            raise OSError(str(err)) from None
+        try:
+            return json.loads(body), etag
+        except ValueError:
+            return None, etag
+
+    # --- any store ------------------------------------------------------------------------------
     def _read(self) -> Optional[dict]:
         store, path = filesystem(self.workdir.uri(self.NAME))
         try:
@@ -362,6 +421,7 @@ class RemoteLease:
             raise
 
     def _write(self) -> None:
+        """An unconditional write (the lease of a store without preconditions)."""
         store, path = filesystem(self.workdir.uri(self.NAME))
         with store.open_output_stream(path) as f:
             f.write(json.dumps({**self.record, "heartbeat": _now()}).encode())
@@ -377,18 +437,38 @@ class RemoteLease:
         age = time.time() - datetime.datetime.fromisoformat(other["heartbeat"]).timestamp()
         return age < self.STALE_SECONDS
 
+    def _busy(self, other: dict) -> WorkdirBusy:
+        return WorkdirBusy(
+            f"workdir {self.workdir.location!r} is in use by run {other['run']} (host {other['host']}, pid "
+            f"{other['pid']}, last seen {other['heartbeat']}); wait for it, stop it, or, if it is dead, delete "
+            f"{self.workdir.uri(self.NAME)}")
+
+    def _claim_conditionally(self) -> None:
+        try:
+            self._etag = self._put(IfNoneMatch="*")
+            return
+        except LeaseTaken:
+            pass
+        other, etag = self._get()
+        if other and other.get("run") != self.record["run"] and self._alive(other):
+            raise self._busy(other)
+        try:  # a stale or unreadable lease: taken over only if nobody else took it since we read it
+            self._etag = self._put(IfMatch=etag) if etag else self._put(IfNoneMatch="*")
+        except LeaseTaken:
+            raise WorkdirBusy(f"workdir {self.workdir.location!r} was claimed by another run at the same moment") from None
+
     def __enter__(self):
-        other = self._read()
-        if other and other["run"] != self.record["run"] and self._alive(other):
-            raise WorkdirBusy(
-                f"workdir {self.workdir.location!r} is in use by run {other['run']} (host {other['host']}, pid "
-                f"{other['pid']}, last seen {other['heartbeat']}); wait for it, stop it, or, if it is dead, delete "
-                f"{self.workdir.uri(self.NAME)}")
-        self._write()
-        # No conditional writes here: two runs that start within the same moment both write;
-        # the later one wins, and the earlier one finds out at once.
-        if (self._read() or {}).get("run") != self.record["run"]:
-            raise WorkdirBusy(f"workdir {self.workdir.location!r} was claimed by another run at the same moment")
+        if self.conditional:
+            self._claim_conditionally()
+        else:
+            other = self._read()
+            if other and other["run"] != self.record["run"] and self._alive(other):
+                raise self._busy(other)
+            self._write()
+            # No preconditions here: two runs that start within the same moment both write;
+            # the later one wins, and the earlier one finds out here if it reads after that.
+            if (self._read() or {}).get("run") != self.record["run"]:
+                raise WorkdirBusy(f"workdir {self.workdir.location!r} was claimed by another run at the same moment")
         self._thread = threading.Thread(target=self._beat, name="workdir-lease", daemon=True)
         self._thread.start()
         return self
@@ -396,7 +476,16 @@ class RemoteLease:
     def _beat(self) -> None:
         while not self._stop.wait(self.HEARTBEAT_SECONDS):
             try:
-                self._write()
+                if self.conditional:
+                    self._etag = self._put(IfMatch=self._etag)
+                else:
+                    self._write()
+            except LeaseTaken:
+                other = self._read() or {}
+                log.error("the workdir lease %s was taken over by run %s (host %s, pid %s): it had not been renewed "
+                          "for %ds; two runs may now write this workdir", self.workdir.uri(self.NAME),
+                          other.get("run"), other.get("host"), other.get("pid"), self.STALE_SECONDS)
+                return
             except OSError as err:  # a passing network fault: the next beat tries again
                 log.warning("could not renew the workdir lease %s: %s", self.workdir.uri(self.NAME), err)
 

@@ -445,3 +445,28 @@ def test_a_store_away_past_the_bound_ends_the_run_naming_the_last_safe_checkpoin
                         r"store is back", log.strip().splitlines()[-1]), log[-3000:]
     assert "Traceback" not in log
     assert _store_checkpoints_read_back(s3_env, bucket, "run", tmp_path) == {"ckpt-4": 4}
+
+
+def test_s3_lease_writes_are_conditional_so_one_of_two_simultaneous_claims_wins(s3_env):
+    """The same moment, made deterministic: two runs that both find the workdir free, or both
+    read the same stale lease, each write theirs under a precondition on what they saw; the
+    store (S3 If-None-Match / If-Match, which moto_server honours) accepts exactly one."""
+    from job.storage import LeaseTaken
+
+    bucket = s3_env.bucket()
+    first, second = RemoteLease(Workdir.open(f"s3://{bucket}/run")), RemoteLease(Workdir.open(f"s3://{bucket}/run"))
+    assert first.conditional
+    first._put(IfNoneMatch="*")  # both saw no lease; the first write creates it...
+    with pytest.raises(LeaseTaken):
+        second._put(IfNoneMatch="*")  # ...the second is refused
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    first.record["pid"] = dead.pid
+    first._write()  # now a dead run's lease: both contenders read it, with its ETag
+    (_, etag), (_, same) = first._get(), second._get()
+    third = RemoteLease(Workdir.open(f"s3://{bucket}/run"))
+    assert etag == same and third._put(IfMatch=etag)
+    with pytest.raises(LeaseTaken):
+        second._put(IfMatch=same)
+    with pytest.raises(WorkdirBusy, match=rf"in use by run {third.record['run']}"):
+        second.__enter__()  # and the loser's claim names the winner
