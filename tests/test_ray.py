@@ -275,3 +275,22 @@ def test_scaling_and_run_config_follow_the_settings(tmp_path):
         load_config(None, ["ray.keep_checkpoints=3"])
     cpu = scaling_config(load_config(None, ["ray.cpus_per_worker=0.5"]).ray)
     assert not cpu.use_gpu and cpu.resources_per_worker == {"CPU": 0.5}
+
+
+def test_a_local_workdir_the_driver_does_not_share_is_said_before_training(tmp_path, caplog):
+    """A worker that does not see the lock file the driver holds in a local-path workdir (a path
+    on another node's disk, not a shared mount) says so in one line; one that sees it says nothing."""
+    from job.launch import _unshared_path_warning
+    from job.storage import Workdir
+
+    (tmp_path / ".lock").write_text("4242")
+    workdir = Workdir.open(str(tmp_path))
+    with caplog.at_level("WARNING", logger="job.launch"):
+        _unshared_path_warning(workdir, "4242", rank=1)
+        assert not caplog.records
+        _unshared_path_warning(workdir, "777", rank=1)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"workdir={str(tmp_path)!r} is a local path this node does not share with the driver's: checkpoints written "
+        "here are invisible to a worker restarted on another node and to the driver's export; use an s3:// or gs:// "
+        "URI or a path every node mounts (rank 1)"]
+    _unshared_path_warning(Workdir.open("s3://b/run"), None, rank=1)  # a URI: nothing to check

@@ -10,6 +10,7 @@ node-local scratch; a rerun with no scratch at all resumes from the bucket; `eva
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -374,6 +375,34 @@ def _frozen_run(s3, bucket, tmp_path, holds: str, *extra: str):
     return start_job(args, env, tmp_path / "job.log")
 
 
+@contextlib.contextmanager
+def _store_frozen_after_step_4(s3, bucket, job, tmp_path):
+    """Once the run holds at step 4 and ckpt-4 is complete in the bucket: the store frozen
+    (SIGSTOP to moto_server) and the run let go. Yields thaw(); thawed and the run ended on exit."""
+    from tests.ray_helpers import wait_for
+
+    frozen = False
+
+    def thaw():
+        nonlocal frozen
+        if frozen:
+            os.kill(s3.process.pid, signal.SIGCONT)
+            frozen = False
+
+    try:
+        _hold_until(tmp_path / "held-4", job, "step 4")
+        wait_for(lambda: _index_names(s3, bucket, "run/checkpoints/checkpoint") == "ckpt-4", 120,
+                 "ckpt-4 complete in the bucket", interval=0.1, alive=lambda: job.poll() is None)
+        os.kill(s3.process.pid, signal.SIGSTOP)
+        frozen = True
+        (tmp_path / "go-4").touch()
+        yield thaw
+    finally:
+        thaw()
+        if job.poll() is None:
+            job.kill()
+
+
 @pytest.mark.real_data
 def test_a_store_frozen_over_two_checkpoints_is_ridden_out_and_every_checkpoint_lands_whole(s3_env, tmp_path):
     """Frozen once ckpt-4 is in the bucket, thawed at step 12: training went on meanwhile
@@ -383,26 +412,11 @@ def test_a_store_frozen_over_two_checkpoints_is_ridden_out_and_every_checkpoint_
         pytest.skip("offline CIFAR-10 and weights not found")
     bucket = s3_env.bucket()
     job = _frozen_run(s3_env, bucket, tmp_path, "4,12")
-    frozen = False
-    try:
-        _hold_until(tmp_path / "held-4", job, "step 4")
-        from tests.ray_helpers import wait_for
-
-        wait_for(lambda: _index_names(s3_env, bucket, "run/checkpoints/checkpoint") == "ckpt-4", 120,
-                 "ckpt-4 complete in the bucket", interval=0.1, alive=lambda: job.poll() is None)
-        os.kill(s3_env.process.pid, signal.SIGSTOP)
-        frozen = True
-        (tmp_path / "go-4").touch()
+    with _store_frozen_after_step_4(s3_env, bucket, job, tmp_path) as thaw:
         _hold_until(tmp_path / "held-12", job, "step 12 with the store frozen")  # training went on
-        os.kill(s3_env.process.pid, signal.SIGCONT)
-        frozen = False
+        thaw()
         (tmp_path / "go-12").touch()
         assert job.wait(timeout=600) == 0, (tmp_path / "job.log").read_text()[-5000:]
-    finally:
-        if frozen:
-            os.kill(s3_env.process.pid, signal.SIGCONT)
-        if job.poll() is None:
-            job.kill()
     log = (tmp_path / "job.log").read_text()
     saved = [int(s) for s in re.findall(r"checkpoint of step (\d+) saved, uploading to", log)]
     assert saved == [4, 8, 12, 16], log[-4000:]
@@ -420,22 +434,8 @@ def test_a_store_away_past_the_bound_ends_the_run_naming_the_last_safe_checkpoin
         pytest.skip("offline CIFAR-10 and weights not found")
     bucket = s3_env.bucket()
     job = _frozen_run(s3_env, bucket, tmp_path, "4", "storage.outage_timeout_s=3")
-    frozen = False
-    try:
-        _hold_until(tmp_path / "held-4", job, "step 4")
-        from tests.ray_helpers import wait_for
-
-        wait_for(lambda: _index_names(s3_env, bucket, "run/checkpoints/checkpoint") == "ckpt-4", 120,
-                 "ckpt-4 complete in the bucket", interval=0.1, alive=lambda: job.poll() is None)
-        os.kill(s3_env.process.pid, signal.SIGSTOP)
-        frozen = True
-        (tmp_path / "go-4").touch()
+    with _store_frozen_after_step_4(s3_env, bucket, job, tmp_path):
         status = job.wait(timeout=600)
-    finally:
-        if frozen:
-            os.kill(s3_env.process.pid, signal.SIGCONT)
-        if job.poll() is None:
-            job.kill()
     log = (tmp_path / "job.log").read_text()
     print(log.strip().splitlines()[-1])  # shown with -s
     assert status == 75, log[-5000:]
