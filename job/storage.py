@@ -367,6 +367,7 @@ class RemoteLease:
         import boto3
         from botocore.config import Config
 
+        logging.getLogger("botocore").setLevel(logging.WARNING)  # its INFO lines (credentials found...) are noise
         bucket, key = self.workdir.uri(self.NAME)[len("s3://"):].split("/", 1)
         client = boto3.client("s3", config=Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=REQUEST_TIMEOUT_S,
                                                   retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"}))

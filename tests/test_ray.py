@@ -251,7 +251,7 @@ def test_cluster_configs_are_valid():
     assert load_config(str(REPO / "configs" / "ray_local.yaml")).ray.enabled
 
 
-def test_scaling_and_run_config_follow_the_settings(tmp_path):
+def test_scaling_and_run_config_follow_the_settings(tmp_path, monkeypatch):
     """ray.* settings -> ScalingConfig (1 or N GPUs per worker) and RunConfig (name, storage,
     failures, retention)."""
     from job.config import load_config
@@ -268,6 +268,7 @@ def test_scaling_and_run_config_follow_the_settings(tmp_path):
     assert run.name == "layout" and run.storage_path == str(tmp_path / "ray") and run.storage_filesystem is None
     assert run.failure_config.max_failures == 5
     # A URI goes through the job's own filesystem (bounded requests; the GCS emulator too).
+    monkeypatch.setenv("AWS_REGION", "us-east-1")  # else the bucket's region is asked of AWS
     remote = run_config(load_config(None, ["workdir=s3://some-bucket/run", "ray.name=layout"]))
     assert remote.storage_path == "some-bucket/run/ray" and type(remote.storage_filesystem).__name__ == "S3FileSystem"
     with pytest.raises(ConfigError, match=r"^ray.keep_checkpoints is no longer a setting: each checkpoint is stored "
@@ -289,8 +290,8 @@ def test_a_local_workdir_the_driver_does_not_share_is_said_before_training(tmp_p
         _unshared_path_warning(workdir, "4242", rank=1)
         assert not caplog.records
         _unshared_path_warning(workdir, "777", rank=1)
-    assert [r.getMessage() for r in caplog.records] == [
-        f"workdir={str(tmp_path)!r} is a local path this node does not share with the driver's: checkpoints written "
-        "here are invisible to a worker restarted on another node and to the driver's export; use an s3:// or gs:// "
-        "URI or a path every node mounts (rank 1)"]
+    line = (f"workdir={str(tmp_path)!r} is a local path this node does not share with the driver's: checkpoints "
+            "written here are invisible to a worker restarted on another node and to the driver's export; use an "
+            "s3:// or gs:// URI or a path every node mounts (rank 1)")
+    assert [r.getMessage() for r in caplog.records] == [line]
     _unshared_path_warning(Workdir.open("s3://b/run"), None, rank=1)  # a URI: nothing to check
