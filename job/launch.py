@@ -327,7 +327,7 @@ def _merge_summary(workdir: Workdir, config: Config, metrics: Optional[dict], ex
     """The chief's summary.json plus what only the driver knows (Ray's view, the newest checkpoint
     in the workdir, the command's wall time)."""
     workdir.pull("summary.json")
-    workdir.pull("checkpoints")
+    workdir.pull("checkpoints/checkpoint")  # the index alone names the newest checkpoint
     step = checkpoint_step(workdir.path("checkpoints"))
     try:
         with open(workdir.path("summary.json")) as f:

@@ -133,10 +133,11 @@ class Uploads:
             with self._cond:
                 self.saved = self.workdir.uri(job.name, f"ckpt-{job.step}")
 
-    def _fail(self) -> None:
+    def _fail(self, cause: str | None = None) -> None:
+        what = (f"cannot be written ({cause})" if cause else
+                f"has not answered for {self.outage_timeout_s:g}s (storage.outage_timeout_s; {self._error or 'no reply'})")
         self._failed = StorageUnavailable(
-            f"the workdir's store {self.workdir.location} has not answered for {self.outage_timeout_s:g}s "
-            f"(storage.outage_timeout_s; {self._error or 'no reply'}); the last checkpoint safe in it is "
+            f"the workdir's store {self.workdir.location} {what}; the last checkpoint safe in it is "
             f"{self.saved or '(none)'}: rerun the same command to resume from it once the store is back")
         self._cond.notify_all()
 
@@ -155,8 +156,10 @@ class Uploads:
                     self.workdir.push(job.name, job.mirror, job.last, job.files, self._progress,
                                       sent=lambda job=job: self._sent(job))
                     break
-                except OSError as err:
+                except Exception as err:  # noqa: BLE001 - OSError: the store; anything else ends the uploads too
                     with self._cond:
+                        if not isinstance(err, OSError):  # not a passing fault of the store's: retrying cannot help
+                            self._fail(f"{type(err).__name__}: {' '.join(str(err).split())[:200]}")
                         if self._failed or self._closing:  # the run has been told; nothing more to say
                             self._busy = None
                             self._cond.notify_all()
