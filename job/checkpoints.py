@@ -19,8 +19,9 @@ or truncated data file. Restores always say expect_partial(), so TensorFlow neve
 per-variable "could not be found" warnings; whether everything needed was restored is checked
 by the layout comparison and by assert_existing_objects_matched.
 
-Everything that knows how a checkpoint directory is laid out lives here: finding, restoring,
-saving, and copying the newest checkpoint between directories (Ray's reported copies).
+Everything that knows how a checkpoint directory is laid out lives here: finding, restoring
+and saving. A URI workdir's checkpoints go to the store from local scratch (job.uploads):
+the files of each checkpoint first, this `checkpoint` index last.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from typing import Optional
 
 import tensorflow as tf
@@ -74,37 +74,6 @@ def checkpoint_step(directory: str) -> Optional[int]:
     """Step of the newest checkpoint in `directory` (saved as ckpt-<step>), or None."""
     candidates = checkpoints_to_try(directory)
     return _step_of(candidates[0]) if candidates else None
-
-
-def copy_latest_checkpoint(source: str, destination: str) -> int:
-    """Copy only the newest checkpoint of `source` (data, index and an index file naming it)
-    into `destination`; returns its step."""
-    candidates = checkpoints_to_try(source)
-    if not candidates:
-        raise FileNotFoundError(f"no checkpoint in {source}")
-    prefix = os.path.basename(candidates[0])
-    os.makedirs(destination, exist_ok=True)
-    for name in os.listdir(source):
-        if name.startswith(prefix + "."):
-            shutil.copy2(os.path.join(source, name), destination)
-    # The CheckpointState CheckpointManager reads, by TensorFlow's own writer (atomic: a
-    # temporary file renamed into place). A timestamp after last_preserved_timestamp makes the
-    # manager list (and later rotate) this checkpoint. Written last: a crash before this leaves
-    # `destination` pointing at what it had. An absolute directory keeps the path as given,
-    # relative to it (TF would rewrite it against a relative one).
-    tf.compat.v1.train.update_checkpoint_state(os.path.abspath(destination), prefix, [prefix],
-                                               all_model_checkpoint_timestamps=[time.time()],
-                                               last_preserved_timestamp=0)
-    return _step_of(prefix)
-
-
-def adopt_checkpoint(source: str, directory: str) -> bool:
-    """Make `source`'s newest checkpoint the latest of `directory` unless that one is as new."""
-    theirs, ours = checkpoint_step(source), checkpoint_step(directory)
-    if theirs is None or (ours is not None and ours >= theirs):
-        return False
-    copy_latest_checkpoint(source, directory)
-    return True
 
 
 # --- what a checkpoint holds, against what the objects restoring it need --------------------------

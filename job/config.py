@@ -203,11 +203,10 @@ class RayConfig(_Section):
     # Custom resources each worker also needs, e.g. {"trainer": 1} to keep workers on one node type.
     resources_per_worker: dict[str, float] = {}
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    # Worker-group restarts (from the last reported checkpoint) before the run fails; -1: no limit.
+    # Worker-group restarts (from the last checkpoint in the workdir) before the run fails; -1: no limit.
     max_failures: int = Field(2, ge=-1)
-    # Reported checkpoints Ray keeps under storage_path (the newest ones).
-    keep_checkpoints: int = Field(2, ge=1)
-    storage_path: Optional[str] = None  # None: <workdir>/ray
+    # Ray Train's own run state (a few small files; no checkpoint goes there). None: <workdir>/ray
+    storage_path: Optional[str] = None
     name: str = "mobilenet-transfer"
     # A worker silent this long (stopped, hung in a collective, partitioned) ends the attempt,
     # and Ray restarts the group from the last checkpoint: TF's collective timeout and Ray
@@ -216,6 +215,14 @@ class RayConfig(_Section):
     # With use_gpu on a running cluster: how long to wait for the autoscaler to bring the GPUs
     # the run needs before giving up (exit 2). An embedded Ray has what it has: no wait.
     gpu_wait_s: float = Field(600, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, values):
+        if isinstance(values, dict) and "keep_checkpoints" in values:
+            raise ValueError("ray.keep_checkpoints is no longer a setting: each checkpoint is stored once, in "
+                             "<workdir>/checkpoints, and checkpoint.keep says how many are kept; remove it")
+        return values
 
     @field_validator("num_workers")
     @classmethod
@@ -277,6 +284,13 @@ class ExportConfig(_Section):
     threads: int = Field(1, ge=1)
 
 
+class StorageConfig(_Section):
+    # How long a workdir's object store may stop answering (timeouts, 5xx, throttling) before
+    # the run ends (exit 75, naming the last checkpoint safe in it): uploads are retried with
+    # backoff meanwhile, in the background, while training goes on (job.uploads).
+    outage_timeout_s: float = Field(600, gt=0)
+
+
 class Config(_Section):
     workdir: str = "runs/default"
     data: DataConfig = DataConfig()
@@ -285,6 +299,7 @@ class Config(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     ray: RayConfig = RayConfig()
+    storage: StorageConfig = StorageConfig()
     export: ExportConfig = ExportConfig()
 
     @model_validator(mode="after")
@@ -353,7 +368,7 @@ def _describe(errors: list[dict]) -> str:
     # A value that fits no member of a union fails once per member: say all that is allowed.
     messages = [e["msg"].removeprefix("Value error, ") for e in errors if _setting(e) == where]
     message = "; or ".join(dict.fromkeys(messages))
-    if where == "config":  # a check across settings: its message names them
+    if where == "config" or message.startswith(f"{where}."):  # a check that names its settings itself
         return message
     bad = first.get("input")
     if isinstance(bad, (dict, list)) and first["type"] != "literal_error":

@@ -43,6 +43,13 @@ class CheckpointNotSaved(JobError):
     """A checkpoint could not be written (e.g. disk full); the previous one is untouched."""
 
 
+class StorageUnavailable(JobError):
+    """The workdir's object store stopped answering for longer than storage.outage_timeout_s;
+    the message names the store and the newest checkpoint complete in it."""
+
+    exit_status = 75  # EX_TEMPFAIL: nothing is wrong with the run; rerun once the store is back
+
+
 class NoReadableCheckpoint(JobError):
     """Checkpoints exist but none reads back: the job refuses to start over on top of them."""
 

@@ -10,12 +10,13 @@ Where things live (docs/ray.md says why):
   workdir       an s3:// or gs:// URI, or an absolute path (a relative one is made absolute
                 where the command is typed, and refused where that cannot be right). The
                 driver holds it for the run; only the chief (Ray rank 0 = TF worker 0) writes
-                it: TensorBoard, profiles, summary.json (with a URI from node-local scratch,
-                pushed at every validation and at the end); the driver exports into it.
-  storage_path  ray.storage_path, else <workdir>/ray: every checkpoint, reported through
-                ray.train.report (the newest ray.keep_checkpoints kept). Every worker of a
-                (re)started group restores from ray.train.get_checkpoint(), else from the
-                workdir's own checkpoints; never from another node's disk.
+                it: checkpoints (the one copy), TensorBoard, profiles, summary.json (with a
+                URI from node-local scratch, uploaded in the background by job.uploads); each
+                worker adds its replica record under replicas/; the driver exports into it.
+                Every worker of a (re)started group restores from <workdir>/checkpoints (the
+                newest checkpoint complete there); never from another node's disk.
+  storage_path  ray.storage_path, else <workdir>/ray: Ray Train's own run state (small files;
+                no checkpoint goes through Ray: reports carry metrics only).
 """
 
 from __future__ import annotations
@@ -31,18 +32,19 @@ from typing import Optional
 
 import ray
 import ray.train
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.collective import broadcast_from_rank_zero
 from ray.train.tensorflow import TensorflowTrainer
 
 from job import COMMAND_START
 from job import shards, storage
-from job.checkpoints import INDEX, adopt_checkpoint, checkpoint_step, copy_latest_checkpoint
+from job.checkpoints import checkpoint_step
 from job.config import Config, RayConfig
 from job.errors import ConfigError, DeviceError, JobError, Preempted, WorkdirError
 from job.preflight import workdir_problem
 from job.ray_control import ConsolePrinter, ConsoleRelay, DriverStopPoll, FailFast, RunControl
 from job.storage import Workdir
+from job.uploads import Uploads
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +52,10 @@ log = logging.getLogger(__name__)
 FORWARDED_ENV = ("TFDS_DATA_DIR", "KERAS_HOME", "TF_CPP_MIN_LOG_LEVEL")
 
 
-# This worker's attempt (its scratch, where it restored from), added to its replica records.
+# This worker's attempt (its scratch, where it restored from), added to its replica records;
+# and where those go (_REPLICAS: the uploads, the file name, the records so far).
 _ATTEMPT: dict = {}
+_REPLICAS: dict = {}
 
 
 class ReplicasDiverged(RuntimeError):
@@ -59,45 +63,58 @@ class ReplicasDiverged(RuntimeError):
 
 
 # --- inside each Ray worker ------------------------------------------------------
-def _report(metrics: dict, checkpoint_dir: Optional[str]) -> None:
+def _report(metrics: dict, saved: Optional[str]) -> None:
     """job.train's reporter under Ray: every worker calls it at the same step (ray.train.report
-    is a barrier), with its own checkpoint directory when a checkpoint was saved at this step.
+    is a barrier), with the checkpoint it saved at this step if any (rank 0's is the one in the
+    workdir; the others' are scratch).
 
-    Each worker checks its weights against rank 0's and, with a checkpoint, adds
-    `replicas/rank-<k>.json` (its step and weights digest) to it: Ray merges every worker's
-    files into one checkpoint directory, so the replicas' agreement is on record beside the
-    weights (rank 0 alone adds the TF checkpoint).
+    Each worker checks its weights against rank 0's and, at a checkpoint, adds a record (its
+    step and weights digest, pid, node, scratch and where it restored from) to its own
+    `<workdir>/replicas/rank-<k>-<pid>.jsonl`, so the replicas' agreement is on record beside
+    the checkpoints. Ray gets metrics only: the checkpoint itself is in the workdir already
+    (job.uploads), and every restart restores from there.
     """
     rank = ray.train.get_context().get_world_rank()
     reference = broadcast_from_rank_zero(metrics["weights_sha256"])
     if metrics["weights_sha256"] != reference:
         raise ReplicasDiverged(f"step {metrics['step']}: rank {rank} weights sha256 {metrics['weights_sha256'][:12]} "
                                f"!= rank 0's {reference[:12]}")
-    if checkpoint_dir is None:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory(prefix="ray-report-") as snapshot:
-        if rank == 0:
-            copy_latest_checkpoint(checkpoint_dir, snapshot)
-        os.makedirs(os.path.join(snapshot, "replicas"))
-        with open(os.path.join(snapshot, "replicas", f"rank-{rank}.json"), "w") as f:
-            json.dump({**_ATTEMPT, "rank": rank, "step": metrics["step"], "weights_sha256": metrics["weights_sha256"],
-                       "stopped": metrics.get("stopped"),
-                       "record_files": sorted(os.path.basename(p) for p in shards.OPENED)}, f)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(snapshot),
-                         checkpoint_dir_name=f"checkpoint_step{metrics['step']:07d}")
+    if saved is not None and _REPLICAS:
+        record = {**_ATTEMPT, "rank": rank, "step": metrics["step"], "weights_sha256": metrics["weights_sha256"],
+                  "stopped": metrics.get("stopped"), "record_files": sorted(os.path.basename(p) for p in shards.OPENED)}
+        workdir, name = _REPLICAS["workdir"], _REPLICAS["name"]
+        os.makedirs(os.path.dirname(workdir.path(name)), exist_ok=True)
+        with open(workdir.path(name), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        _REPLICAS["uploads"].push(name)
+    if rank == 0 and _REPLICAS:  # what the driver learns of the run (Ray's Result has no checkpoint's metrics)
+        ray.get(_REPLICAS["control"].set_report.remote(metrics))
+    ray.train.report(metrics)
 
 
-def _restore_source(workdir: Workdir, scratch: str) -> tuple[Optional[str], Optional[str]]:
-    """(local directory to restore from, where it came from), or (None, None) for a fresh start:
-    Ray's newest registered checkpoint, downloaded into this worker's scratch, else the workdir's
-    own checkpoints (fetched for a URI). Every rank takes the same one; none reads another node's disk."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        return checkpoint.to_directory(os.path.join(scratch, "restore")), checkpoint.path
-    if workdir.pull("checkpoints") and checkpoint_step(workdir.path("checkpoints")) is not None:
-        return workdir.path("checkpoints"), workdir.uri("checkpoints")
+def _restore_source(workdir: Workdir) -> tuple[Optional[str], Optional[str]]:
+    """(local directory to restore from, the checkpoint there it starts from), or (None, None)
+    for a fresh start: the workdir's checkpoints, fetched into this worker's scratch for a URI.
+    Every rank takes the same one; none reads another node's disk."""
+    if workdir.pull("checkpoints") and (step := checkpoint_step(workdir.path("checkpoints"))) is not None:
+        return workdir.path("checkpoints"), workdir.uri("checkpoints", f"ckpt-{step}")
     return None, None
+
+
+def _unshared_path_warning(workdir: Workdir, owner: Optional[str], rank: int) -> None:
+    """One line, before training, when a local-path workdir is not the driver's: this node does
+    not see the lock file the driver holds there (another node's disk, not a shared mount)."""
+    if workdir.remote or owner is None:
+        return
+    try:
+        with open(os.path.join(workdir.local, ".lock")) as f:
+            seen = f.read().strip()
+    except OSError:
+        seen = None
+    if seen != owner:
+        log.warning("workdir=%r is a local path this node does not share with the driver's: checkpoints written "
+                    "here are invisible to a worker restarted on another node and to the driver's export; use an "
+                    "s3:// or gs:// URI or a path every node mounts (rank %d)", workdir.location, rank)
 
 
 def _worker_loop(payload: dict) -> None:
@@ -122,12 +139,16 @@ def _worker_loop(payload: dict) -> None:
     # The driver holds the workdir (lease or lock) for the whole run; workers only write into
     # it (the chief) or into scratch, node-local and this worker's own.
     workdir = Workdir.open(config.workdir)
+    _unshared_path_warning(workdir, payload.get("workdir_owner"), rank)
+    uploads = Uploads(workdir, config.storage.outage_timeout_s)
+    _REPLICAS.update(workdir=workdir, uploads=uploads, name=f"replicas/rank-{rank}-{os.getpid()}.jsonl",
+                     control=payload["control"])
     with tempfile.TemporaryDirectory(prefix=f"rank{rank}-") as scratch:
         # On record in the replica files: a retried worker starts from nothing of its predecessor's.
         local = workdir.local if workdir.remote else scratch
         _ATTEMPT.update(rank=rank, pid=os.getpid(), node=ray.get_runtime_context().get_node_id(), scratch=local,
                         scratch_was_empty=not any(os.scandir(local)))
-        source, _ATTEMPT["restored_from"] = _restore_source(workdir, scratch)
+        source, _ATTEMPT["restored_from"] = _restore_source(workdir)
         # Replicas must start from the same weights: a workdir path that is not shared could
         # show each node a different checkpoint.
         step = checkpoint_step(source) if source else None
@@ -140,12 +161,14 @@ def _worker_loop(payload: dict) -> None:
         try:
             share = WorkerShare(config.ray.cpus_per_worker, "ray.cpus_per_worker", config.ray.hang_timeout_s)
             summary = train_and_evaluate(config, workdir, _report, restore_from=source, stop_sources=sources,
-                                         share=share)
+                                         share=share, uploads=uploads)
         except Preempted as stopped:
             # The checkpoint is saved and reported (with "stopped" in its metrics): the driver decides what next.
             log.info("rank %d: %s", rank, stopped)
             return
         finally:
+            uploads.close()
+            _REPLICAS.clear()
             workdir.close()
             if relay:
                 logging.getLogger("job").removeHandler(relay)
@@ -165,7 +188,7 @@ def scaling_config(ray_config: RayConfig) -> ScalingConfig:
 
 
 def storage_path(config: Config) -> str:
-    """ray.storage_path, else <workdir>/ray (config.workdir already resolved)."""
+    """Ray Train's run state: ray.storage_path, else <workdir>/ray (config.workdir already resolved)."""
     return config.ray.storage_path or storage.join(config.workdir, "ray")
 
 
@@ -192,11 +215,17 @@ def worker_runtime_env() -> dict:
 
 
 def run_config(config: Config, control=None, callbacks: tuple = ()) -> RunConfig:
+    """No CheckpointConfig: no checkpoint goes through Ray. A URI storage path goes through the
+    job's own filesystem (bounded requests; STORAGE_EMULATOR_HOST for gs://). `callbacks`: more
+    Ray Train callbacks (job.tune's report to Tune)."""
+    path, filesystem = storage_path(config), None
+    if storage.is_uri(path):
+        filesystem, path = storage.filesystem(path)
     return RunConfig(
         name=config.ray.name,
-        storage_path=storage_path(config),
+        storage_path=path,
+        storage_filesystem=filesystem,
         failure_config=FailureConfig(max_failures=config.ray.max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=config.ray.keep_checkpoints),
         worker_runtime_env=worker_runtime_env(),
         callbacks=[FailFast(control), *callbacks],
     )
@@ -296,20 +325,25 @@ def check_global_batch(config: Config) -> int:
     return batches.pop()  # one value: per_replica_batch_size is refused with a range (job.config)
 
 
-def _merge_summary(workdir: Workdir, config: Config, result, export_location: Optional[str], status: str) -> dict:
-    """The chief's summary.json plus what only the driver knows (Ray's view, the command's wall time)."""
+def _merge_summary(workdir: Workdir, config: Config, metrics: Optional[dict], export_location: Optional[str],
+                   status: str) -> dict:
+    """The chief's summary.json plus what only the driver knows (Ray's view, the newest checkpoint
+    in the workdir, the command's wall time)."""
     workdir.pull("summary.json")
+    workdir.pull("checkpoints/checkpoint")  # the index alone names the newest checkpoint
+    step = checkpoint_step(workdir.path("checkpoints"))
     try:
         with open(workdir.path("summary.json")) as f:
             summary = json.load(f)
     except (OSError, ValueError):
         summary = {}
-    metrics = result.metrics or {}
+    metrics = metrics or {}
     if summary.get("step", -1) < metrics.get("step", -1):  # the chief's summary.json is not visible here
         summary = {"step": metrics["step"], "final_val_accuracy": metrics.get("val_accuracy")}
     summary.update(status=status, wall_seconds=round(time.time() - COMMAND_START, 1), export=export_location,
                    ray={"workers": config.ray.num_workers, "storage_path": storage_path(config), "name": config.ray.name,
-                        "checkpoint": result.checkpoint.path if result.checkpoint else None, "last_report": metrics})
+                        "checkpoint": workdir.uri("checkpoints", f"ckpt-{step}") if step is not None else None,
+                        "last_report": metrics})
     tmp = workdir.path("summary.json.tmp")
     with open(tmp, "w") as f:
         json.dump(summary, f, indent=2, default=str)
@@ -339,21 +373,17 @@ def train_on_ray(config: Config, callbacks: tuple = (), export_model: bool = Tru
         workdir = Workdir.open(config.workdir)
         try:
             with workdir.claimed(owner=True):  # only now that the inputs are known good
+                owner = None if workdir.remote else str(os.getpid())  # what the workers see in <workdir>/.lock
                 for change in check_resume(workdir, config, global_batch):
                     log.info("resuming with a changed setting: %s", change)
-                result, stopped_by = _fit_until_done(config, callbacks)
+                metrics, stopped_by = _fit_until_done(config, owner, callbacks)
                 if stopped_by:
-                    summary = _merge_summary(workdir, config, result, None, "preempted")
+                    summary = _merge_summary(workdir, config, metrics, None, "preempted")
                     raise Preempted(f"stopped by {stopped_by} at step {summary['step']}; checkpoint "
                                     f"{summary['ray']['checkpoint']}; rerun the same command to resume")
-                if result.checkpoint is not None:
-                    # The final checkpoint into the workdir, where export and evaluate look.
-                    with result.checkpoint.as_directory() as directory:
-                        workdir.pull("checkpoints")
-                        adopt_checkpoint(directory, workdir.path("checkpoints"))
-                        workdir.push("checkpoints", last=(INDEX,))
+                # The chief has uploaded its last checkpoint before its worker ended: export reads it there.
                 exported = export(config, workdir) if export_model else None
-                return _merge_summary(workdir, config, result, exported, "finished")
+                return _merge_summary(workdir, config, metrics, exported, "finished")
         finally:
             workdir.close()
     finally:
@@ -361,8 +391,8 @@ def train_on_ray(config: Config, callbacks: tuple = (), export_model: bool = Tru
             ray.shutdown()
 
 
-def _fit_until_done(config: Config, callbacks: tuple = ()):
-    """(Ray's result, why the driver was asked to stop or None). A SIGTERM to this process
+def _fit_until_done(config: Config, owner: Optional[str] = None, callbacks: tuple = ()):
+    """(rank 0's last reported metrics, why the driver was asked to stop or None). A SIGTERM to this process
     asks the workers to stop at the next step boundary (they save and report one checkpoint);
     a second one aborts. A run whose workers stopped because one of them was preempted
     (SIGTERM) is started again from that checkpoint, up to ray.max_failures times."""
@@ -387,15 +417,17 @@ def _fit_until_done(config: Config, callbacks: tuple = ()):
     try:
         restarts = 0
         while True:
-            result = _fit(config, control, callbacks)
-            stopped = (result.metrics or {}).get("stopped")
+            ray.get(control.set_report.remote(None))
+            _fit(config, control, owner, callbacks)
+            metrics = ray.get(control.get_report.remote()) or {}
+            stopped = metrics.get("stopped")
             if not stopped or asked:
-                return result, asked.get("reason")
+                return metrics, asked.get("reason")
             restarts += 1
             if 0 <= config.ray.max_failures < restarts:
-                return result, f"{stopped} (more than ray.max_failures={config.ray.max_failures} times)"
+                return metrics, f"{stopped} (more than ray.max_failures={config.ray.max_failures} times)"
             log.warning("workers stopped at step %s by %s: starting them again from that checkpoint (%d of %s)",
-                        result.metrics.get("step"), stopped, restarts, config.ray.max_failures)
+                        metrics.get("step"), stopped, restarts, config.ray.max_failures)
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
@@ -403,10 +435,10 @@ def _fit_until_done(config: Config, callbacks: tuple = ()):
             printer.close()
 
 
-def _fit(config: Config, control, callbacks: tuple = ()):
+def _fit(config: Config, control, owner: Optional[str] = None, callbacks: tuple = ()):
     trainer = TensorflowTrainer(
         _worker_loop,
-        train_loop_config={"config": config.model_dump(mode="json"), "control": control},
+        train_loop_config={"config": config.model_dump(mode="json"), "control": control, "workdir_owner": owner},
         scaling_config=scaling_config(config.ray),
         run_config=run_config(config, control, callbacks),
     )

@@ -3,6 +3,9 @@
 `RunControl` is one small actor the driver starts per run:
   - stop requests: the driver sets it on SIGTERM; rank 0 polls it (`DriverStopPoll`) and
     votes in the step's all-reduce, so every rank stops at the same step (job.preemption);
+  - the last report: rank 0's metrics at every report (step, phase, validation, `stopped`),
+    which the driver reads when the worker group ends (Ray's Result carries the metrics of
+    checkpoints it registered, and no checkpoint goes through Ray: job.launch);
   - the console: rank 0's `job` log lines, and the warnings and errors of the other ranks,
     are sent to it (`ConsoleRelay`) and the driver prints them, once and in order. Workers'
     own output (TensorFlow's native start-up lines, Ray Train's report dumps, each rank's copy
@@ -32,6 +35,13 @@ class RunControl:
     def __init__(self):
         self.stop_reason: Optional[str] = None
         self.lines: list[str] = []
+        self.report: Optional[dict] = None
+
+    def set_report(self, metrics: Optional[dict]) -> None:
+        self.report = metrics
+
+    def get_report(self) -> Optional[dict]:
+        return self.report
 
     def request_stop(self, reason: str) -> None:
         self.stop_reason = reason

@@ -32,7 +32,7 @@ from job.checkpoints import INDEX, Checkpoints
 from job.config import Config, ConfigError
 from job.distribute import (BARRIER_TIMEOUT_S, WorkerShare, check_gpus, configure_threads, devices_in_use, is_chief,
                             local_share, make_strategy, wait_for_all_workers, worker_index)
-from job.errors import NonFiniteLoss, Preempted
+from job.errors import JobError, NonFiniteLoss, Preempted, StorageUnavailable
 from job.phase_inputs import PhaseInputs, subset_examples
 from job.model import TransferModel, build_model, set_backbone_trainable
 from job.periodic import Every, chunk_length
@@ -40,6 +40,7 @@ from job.preemption import StopRequests, TfPreemptionNotice
 from job.preprocess import model_input_fn
 from job.resume import check_resume, check_saved_state, read_previous, start_fresh, write_run_files
 from job.storage import Workdir
+from job.uploads import Uploads
 from job.step import (CORRECT, LOSS, SKIPPED, STOP, Phase, StepFunctions, global_batch_size, learning_rate_scale,
                       make_optimizer)
 from job.telemetry import History, ProfilerWindow, Progress, Scalars, Throughput, unreachable_window
@@ -50,9 +51,9 @@ log = logging.getLogger(__name__)
 # at least this many of them per tf.function call (calls still end at each validation).
 CACHED_STEPS_PER_CALL = 100
 
-# Called on every worker at each validation point (each epoch by default): (metrics, the
-# worker's checkpoint directory if a checkpoint was saved at this step, else None).
-# job.launch builds Ray's reporting on it.
+# Called on every worker at each validation point (each epoch by default) and after each
+# checkpoint: (metrics, the checkpoint this worker saved at this step, its local prefix, else
+# None). job.launch builds Ray's reporting on it.
 Reporter = Callable[[dict, Optional[str]], None]
 
 
@@ -190,8 +191,11 @@ class Trainer:
     validation history and stop requests. Only the chief writes shared files."""
 
     def __init__(self, run: Run, workdir: Workdir, checkpoints: Checkpoints, stop: StopRequests,
-                 reporter: Optional[Reporter] = None):
+                 reporter: Optional[Reporter] = None, uploads: Optional[Uploads] = None):
         self.run, self.workdir, self.checkpoints, self.stop, self.reporter = run, workdir, checkpoints, stop, reporter
+        # The chief's uploads of a URI workdir, in the background (job.uploads).
+        self.uploads = uploads or Uploads(workdir, run.config.storage.outage_timeout_s)
+        self._holds = _test_holds()
         tel = run.config.telemetry
         self.scalars = Scalars(workdir.path("tensorboard") if run.chief else None)
         # Under <tensorboard>/<run>/plugins/profile, so the Profile tab lists it as that run.
@@ -261,6 +265,10 @@ class Trainer:
                 metrics = self._validate(phase, steps, val_data) if eval_due else None
                 if saved or eval_due:
                     self._publish(phase, metrics, saved, stopping)
+                if run.chief:  # a store away past storage.outage_timeout_s ends the run here
+                    self.uploads.check()
+                if run.global_step in self._holds and run.chief:
+                    _hold(run.global_step)
                 if stopping:
                     raise Preempted(self._stop_message(saved))
         finally:
@@ -308,8 +316,13 @@ class Trainer:
         Ray, else the workdir) and, after a validation, the TensorBoard files, so that a remote
         workdir can be followed while the run goes on."""
         if saved and self.run.chief:
-            where = "reported to Ray" if self.reporter else f"in {self.workdir.uri('checkpoints')}"
-            log.info("checkpoint of step %d saved, %s", self.run.global_step, where)
+            if self.workdir.remote:
+                log.info("checkpoint of step %d saved, uploading to %s", self.run.global_step,
+                         self.workdir.uri("checkpoints"))
+            else:
+                log.info("checkpoint of step %d saved in %s", self.run.global_step, self.workdir.path("checkpoints"))
+            # The one copy in durable storage, Ray or not: the checkpoints folder of the workdir.
+            self.uploads.push("checkpoints", mirror=True, last=(INDEX,), snapshot=True, step=self.run.global_step)
         if self.reporter:
             # Every worker: Ray's report is a barrier. Every validation point reports, validated
             # or not, so a Ray run has checkpoints even without a val split.
@@ -319,11 +332,9 @@ class Trainer:
                 report.update(val_accuracy=metrics["accuracy"], val_loss=metrics["loss"])
             if stopping:  # tells the launcher why the run ends here
                 report["stopped"] = self.stop.reason() or "another worker's stop request"
-            self.reporter(report, self.checkpoints.directory if saved else None)
-        elif saved and self.run.chief:
-            self.workdir.push("checkpoints", mirror=True, last=(INDEX,))
+            self.reporter(report, saved)
         if metrics and self.run.chief:
-            self.workdir.push("tensorboard")
+            self.uploads.push("tensorboard")
 
     def _record_validation(self, phase: Phase, metrics: dict) -> None:
         run, step = self.run, self.run.global_step
@@ -348,8 +359,9 @@ class Trainer:
         wait_for_all_workers(self.run.strategy, f"run {status}", self.run.share.collective_timeout_s or BARRIER_TIMEOUT_S)
         summary = self.write_summary(status)
         if self.run.chief:
-            self.workdir.push("tensorboard")
-            self.workdir.push("summary.json")
+            self.uploads.push("tensorboard")
+            self.uploads.push("summary.json")
+        self.uploads.wait()  # the end of a run, or a preemption, waits for the last upload
         return summary
 
     def write_summary(self, status: str) -> dict:
@@ -380,7 +392,7 @@ class Trainer:
 
 def train_and_evaluate(config: Config, workdir: Optional[Workdir] = None, reporter: Optional[Reporter] = None,
                        restore_from: Optional[str] = None, stop_sources: tuple = (),
-                       share: Optional[WorkerShare] = None) -> dict:
+                       share: Optional[WorkerShare] = None, uploads: Optional[Uploads] = None) -> dict:
     """Train both phases, resuming from the newest checkpoint of `restore_from` (default: the
     workdir's); return the run summary.
 
@@ -412,7 +424,10 @@ def train_and_evaluate(config: Config, workdir: Optional[Workdir] = None, report
         if isinstance(run.strategy, tf.distribute.MultiWorkerMirroredStrategy):
             stop_sources = (*stop_sources, TfPreemptionNotice())
         stop = stack.enter_context(StopRequests(stop_sources))
-        trainer = Trainer(run, workdir, checkpoints, stop, reporter)
+        if uploads is None:
+            uploads = Uploads(workdir, config.storage.outage_timeout_s)
+            stack.callback(uploads.close)
+        trainer = Trainer(run, workdir, checkpoints, stop, reporter, uploads)
         record_before = None
         if run.chief:
             record_before = read_previous(workdir)[1]  # before run.json is rewritten
@@ -424,6 +439,8 @@ def train_and_evaluate(config: Config, workdir: Optional[Workdir] = None, report
             log.info("%s", run.inputs.statement())
         restored = checkpoints.restore_latest(source, fresh)
         if restored:
+            if workdir.remote and source == workdir.path("checkpoints"):
+                uploads.saved = workdir.uri("checkpoints", os.path.basename(restored))
             start_fresh(run, fresh)
             log.info("resumed from %s at step %d", restored, run.global_step)
             if note := _order_changed(record_before, run):
@@ -435,7 +452,27 @@ def train_and_evaluate(config: Config, workdir: Optional[Workdir] = None, report
         except Preempted:
             trainer.finish("preempted")
             raise
+        except JobError as err:
+            if not isinstance(err, StorageUnavailable):  # e.g. a non-finite loss: what was saved before is good
+                with contextlib.suppress(StorageUnavailable):
+                    uploads.wait()
+            raise
         return trainer.finish("finished")
+
+
+def _test_holds() -> frozenset:
+    """Steps at which the chief pauses (JOB_TEST_HOLD_STEPS=4,12, for tests that act on the
+    store at a known point of a run: see _hold); none unless set."""
+    steps = os.environ.get("JOB_TEST_HOLD_STEPS", "")
+    return frozenset(int(s) for s in steps.split(",") if s.strip())
+
+
+def _hold(step: int) -> None:
+    """Write <JOB_TEST_HOLD_DIR>/held-<step>, then wait for <JOB_TEST_HOLD_DIR>/go-<step> (a test's cue)."""
+    folder = os.environ["JOB_TEST_HOLD_DIR"]
+    open(os.path.join(folder, f"held-{step}"), "w").close()
+    while not os.path.exists(os.path.join(folder, f"go-{step}")):
+        time.sleep(0.05)
 
 
 def _order_changed(previous: Optional[dict], run: Run) -> Optional[str]:

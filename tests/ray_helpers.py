@@ -1,5 +1,5 @@
 """Helpers for the tests that run the job on Ray: a two-node local cluster started with
-`ray start`, waiting on conditions, and reading what the workers record in Ray's checkpoints.
+`ray start`, waiting on conditions, and reading what the workers record in the workdir.
 
 The cluster is stopped by ending the `ray start --block` processes it started (and whatever
 they left), never with `ray stop`, which ends every Ray on the machine.
@@ -62,11 +62,10 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def digests(run_dir: Path) -> dict:
-    """{step: {rank: weights sha256}} from the replica records each worker adds to Ray's checkpoints."""
+def digests(workdir: Path) -> dict:
+    """{step: {rank: weights sha256}} from the replica records each worker adds to the workdir at each checkpoint."""
     found: dict = {}
-    for record in run_dir.glob("checkpoint_step*/replicas/rank-*.json"):
-        entry = json.loads(record.read_text())
+    for entry in local_replica_records(workdir):
         found.setdefault(entry["step"], {})[entry["rank"]] = entry["weights_sha256"]
     return found
 
@@ -170,33 +169,36 @@ class LocalCluster:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def snapshot_has_checkpoint(run_dir: Path):
-    """Ray's record of a registered (fully persisted) checkpoint, or None."""
+def store_has_checkpoint(workdir: Path):
+    """The newest checkpoint complete in a local workdir (its `checkpoint` index names it), or None."""
     try:
-        state = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):
+        return (workdir / "checkpoints" / "checkpoint").read_text().split('"')[1]
+    except (OSError, IndexError):
         return None
-    return state.get("latest_checkpoint_result")
 
 
-def s3_snapshot_has_checkpoint(s3, bucket: str, run: str):
-    """Ray's record of a registered (fully persisted) checkpoint in the bucket, or None."""
-    if f"{run}/checkpoint_manager_snapshot.json" not in s3.keys(bucket, run):
+def s3_store_has_checkpoint(s3, bucket: str, workdir: str):
+    """The newest checkpoint complete in an s3:// workdir (its `checkpoint` index names it), or None."""
+    if f"{workdir}/checkpoints/checkpoint" not in s3.keys(bucket, f"{workdir}/checkpoints/"):
         return None
-    body = s3.client().get_object(Bucket=bucket, Key=f"{run}/checkpoint_manager_snapshot.json")["Body"].read()
-    return json.loads(body).get("latest_checkpoint_result")
+    body = s3.client().get_object(Bucket=bucket, Key=f"{workdir}/checkpoints/checkpoint")["Body"].read().decode()
+    return body.split('"')[1]
 
 
-def replica_records(s3, bucket: str, prefix: str) -> list[dict]:
-    """The replica records every worker adds to each checkpoint Ray keeps in the bucket."""
+def _records(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def replica_records(s3, bucket: str, workdir: str) -> list[dict]:
+    """The replica records every worker adds to an s3:// workdir at each checkpoint (replicas/rank-<k>-<pid>.jsonl)."""
     client = s3.client()
-    return [json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
-            for key in s3.keys(bucket, prefix) if re.search(r"/replicas/rank-\d+\.json$", key)]
+    return [record for key in s3.keys(bucket, f"{workdir}/replicas/") if re.search(r"/rank-\d+-\d+\.jsonl$", key)
+            for record in _records(client.get_object(Bucket=bucket, Key=key)["Body"].read().decode())]
 
 
-def local_replica_records(run_dir: Path) -> list[dict]:
-    """The replica records every worker adds to each checkpoint Ray keeps in a local storage path."""
-    return [json.loads(p.read_text()) for p in sorted(run_dir.glob("checkpoint_step*/replicas/rank-*.json"))]
+def local_replica_records(workdir: Path) -> list[dict]:
+    """The replica records every worker adds to a local workdir at each checkpoint."""
+    return [record for p in sorted(workdir.glob("replicas/rank-*.jsonl")) for record in _records(p.read_text())]
 
 
 def start_job(args: list[str], env: dict, log_path: Path) -> subprocess.Popen:

@@ -89,29 +89,6 @@ def test_export_restores_past_a_damaged_latest_checkpoint(tmp_path):
     np.testing.assert_array_equal(restored.head.weights[0].numpy(), saved[1])
 
 
-def test_a_copied_checkpoint_is_listed_by_tensorflow_from_a_relative_directory(tmp_path, monkeypatch):
-    """The index of a copy (TensorFlow's own CheckpointState writer) names the checkpoint
-    relative to its directory, whether that directory was given relative or absolute."""
-    import tensorflow as tf
-
-    from job.checkpoints import copy_latest_checkpoint
-
-    monkeypatch.chdir(tmp_path)
-    value = tf.Variable(3.0)
-    checkpoint = tf.train.Checkpoint(value=value)
-    tf.train.CheckpointManager(checkpoint, "source", max_to_keep=1).save(checkpoint_number=3)
-    assert copy_latest_checkpoint("source", "copy/checkpoints") == 3
-    state = tf.train.get_checkpoint_state("copy/checkpoints")
-    assert list(state.all_model_checkpoint_paths) == [os.path.join("copy/checkpoints", "ckpt-3")]
-    assert "ckpt-3" in (tmp_path / "copy" / "checkpoints" / "checkpoint").read_text().split('"')
-    moved = tmp_path / "moved"
-    os.rename(tmp_path / "copy", moved)  # relative inside: the copy still reads where it now is
-    manager = tf.train.CheckpointManager(checkpoint, str(moved / "checkpoints"), max_to_keep=1)
-    value.assign(0.0)
-    checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    assert value.numpy() == 3.0
-
-
 def _model_and_optimizer(optimizer: str, trainable: int):
     import keras
 

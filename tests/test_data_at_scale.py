@@ -350,7 +350,7 @@ def test_two_ray_workers_train_on_a_prepared_dataset_in_a_bucket_each_reading_it
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     from tests.ray_helpers import local_replica_records
 
-    records = {r["rank"]: set(r["record_files"]) for r in local_replica_records(storage / "colours")}
+    records = {r["rank"]: set(r["record_files"]) for r in local_replica_records(workdir)}
     assert set(records) == {0, 1}
     train = {rank: {f for f in files if "-train." in f} for rank, files in records.items()}
     assert train[0] == {f"colours-train.tfrecord-{i:05d}-of-00004" for i in (0, 2)}

@@ -3,7 +3,7 @@ driver, and to one process of a multi-worker run launched by hand; a run resumed
 workers; a stopped worker (SIGSTOP); an error no retry can fix.
 
 Evidence is read from what the job writes (summary.json, the replica records each worker
-adds to Ray's checkpoints, the last line on stderr) and from Ray's state API, never from
+adds to the workdir at each checkpoint, the last line on stderr) and from Ray's state API, never from
 Ray's log streaming.
 """
 
@@ -20,15 +20,15 @@ import pytest
 from job.config import load_config
 from job.errors import ConfigError
 from tests.conftest import DATASETS, KERAS_HOME, WEIGHTS, run_job, tiny
-from tests.ray_helpers import TINY_RAY, free_ports, local_replica_records, snapshot_has_checkpoint, start_job, wait_for
+from tests.ray_helpers import TINY_RAY, free_ports, local_replica_records, start_job, store_has_checkpoint, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.real_data]
 # The scenarios (a Ray or hand-launched run of 44 steps, signalled, resumed) take 1-7 minutes
 # each: marked slow, so `make test` skips them and `make test-all` (CI) runs them.
 
 # 4 head steps (cached features), then 40 fine-tune steps at 64 px, one step per call:
-# time enough to signal a run mid-fine-tune. Every checkpoint Ray gets is kept.
-LONG = ["train.finetune.epochs=10", "model.image_size=64", "ray.keep_checkpoints=20", "ray.enabled=true"]
+# time enough to signal a run mid-fine-tune.
+LONG = ["train.finetune.epochs=10", "model.image_size=64", "ray.enabled=true"]
 TOTAL_STEPS = 44
 
 
@@ -37,25 +37,25 @@ def _run_args(cluster, workdir, name: str, *extra: str) -> list[str]:
             f"workdir={workdir}", *extra]
 
 
-def _first_checkpoint(run_dir, job) -> dict:
-    """Wait until Ray has registered a checkpoint; the replica records in it, by rank."""
-    wait_for(lambda: snapshot_has_checkpoint(run_dir), 400, "Ray's first registered checkpoint",
-             interval=0.2, alive=lambda: job.poll() is None)
-    return {r["rank"]: r for r in local_replica_records(run_dir)}
+def _first_checkpoint(workdir, job) -> dict:
+    """Wait until a checkpoint is complete in the workdir and both ranks have recorded it; their records, by rank."""
+    wait_for(lambda: store_has_checkpoint(workdir) and {r["rank"] for r in local_replica_records(workdir)} == {0, 1},
+             400, "the first checkpoint", interval=0.2, alive=lambda: job.poll() is None)
+    return {r["rank"]: r for r in local_replica_records(workdir)}
 
 
 @pytest.mark.slow
 def test_sigterm_to_one_worker_saves_once_collectively_and_the_run_completes(cluster, tmp_path):
-    workdir, run_dir = tmp_path / "run", tmp_path / "run" / "ray" / "worker-sigterm"
+    workdir = tmp_path / "run"
     job = start_job(_run_args(cluster, workdir, "worker-sigterm"), cluster.env, tmp_path / "job.log")
     try:
-        first = _first_checkpoint(run_dir, job)
+        first = _first_checkpoint(workdir, job)
         os.kill(first[1]["pid"], signal.SIGTERM)
         assert job.wait(timeout=600) == 0, (tmp_path / "job.log").read_text()[-6000:]
     finally:
         if job.poll() is None:
             job.kill()
-    records = local_replica_records(run_dir)
+    records = local_replica_records(workdir)
     stops = {r["step"] for r in records if r["stopped"]}
     assert len(stops) == 1, records  # one collective save...
     stop_step = stops.pop()
@@ -64,7 +64,7 @@ def test_sigterm_to_one_worker_saves_once_collectively_and_the_run_completes(clu
     assert all(r["stopped"] == "a SIGTERM to /job:worker/task:1" for r in stopped)  # ...agreed by both ranks
     assert first[0]["step"] < stop_step < TOTAL_STEPS
     resumed = [r for r in records if r["step"] > stop_step]
-    assert resumed and all(r["restored_from"].endswith(f"checkpoint_step{stop_step:07d}") for r in resumed), records
+    assert resumed and all(r["restored_from"] == str(workdir / "checkpoints" / f"ckpt-{stop_step}") for r in resumed), records
     assert first[1]["pid"] not in {r["pid"] for r in resumed}
     summary = json.loads((workdir / "summary.json").read_text())
     assert (summary["status"], summary["step"]) == ("finished", TOTAL_STEPS)  # as if never stopped
@@ -72,11 +72,11 @@ def test_sigterm_to_one_worker_saves_once_collectively_and_the_run_completes(clu
 
 @pytest.mark.slow
 def test_sigterm_to_the_driver_stops_and_a_rerun_on_one_worker_finishes_the_same_run(cluster, tmp_path):
-    workdir, run_dir = tmp_path / "run", tmp_path / "run" / "ray" / "driver-sigterm"
+    workdir = tmp_path / "run"
     args = _run_args(cluster, workdir, "driver-sigterm")
     job = start_job(args, cluster.env, tmp_path / "job.log")
     try:
-        _first_checkpoint(run_dir, job)
+        _first_checkpoint(workdir, job)
         job.send_signal(signal.SIGTERM)
         assert job.wait(timeout=600) == 0, (tmp_path / "job.log").read_text()[-6000:]
     finally:
@@ -87,7 +87,7 @@ def test_sigterm_to_the_driver_stops_and_a_rerun_on_one_worker_finishes_the_same
                          r"rerun the same command to resume", last)
     assert match, last
     step = int(match[1])
-    assert match[2].endswith(f"checkpoint_step{step:07d}") and 4 <= step < TOTAL_STEPS
+    assert match[2] == str(workdir / "checkpoints" / f"ckpt-{step}") and 4 <= step < TOTAL_STEPS
     assert json.loads((workdir / "summary.json").read_text())["status"] == "preempted"
 
     # The same command on one worker: the global batch (train.batch_size=32) stays, so the
@@ -98,9 +98,9 @@ def test_sigterm_to_the_driver_stops_and_a_rerun_on_one_worker_finishes_the_same
     assert (summary["status"], summary["step"], summary["replicas"], summary["global_batch"]) == \
         ("finished", TOTAL_STEPS, 1, 32)
     assert summary["images_seen"] == TOTAL_STEPS * 32
-    rerun = [r for r in local_replica_records(run_dir) if r["step"] > step]
+    rerun = [r for r in local_replica_records(workdir) if r["step"] > step]
     assert rerun and {r["rank"] for r in rerun} == {0}
-    assert all(r["restored_from"].endswith(f"checkpoint_step{step:07d}") for r in rerun)
+    assert all(r["restored_from"].endswith(f"ckpt-{step}") for r in rerun)
 
 
 @pytest.mark.slow
@@ -163,11 +163,11 @@ def test_a_stopped_worker_ends_the_attempt_and_ray_resumes_from_the_last_checkpo
     """SIGSTOP to rank 1: it neither dies nor answers. Within ray.hang_timeout_s the attempt
     ends (TF's collective and Ray Train's barrier and health check), Ray starts a new group
     that resumes from the last checkpoint, and the run completes."""
-    workdir, run_dir = tmp_path / "run", tmp_path / "run" / "ray" / "stopped"
+    workdir = tmp_path / "run"
     job = start_job(_run_args(cluster, workdir, "stopped", "ray.hang_timeout_s=20"), cluster.env, tmp_path / "job.log")
     stopped_pid = None
     try:
-        first = _first_checkpoint(run_dir, job)
+        first = _first_checkpoint(workdir, job)
         stopped_pid = first[1]["pid"]
         os.kill(stopped_pid, signal.SIGSTOP)
         assert job.wait(timeout=600) == 0, (tmp_path / "job.log").read_text()[-6000:]
@@ -179,10 +179,10 @@ def test_a_stopped_worker_ends_the_attempt_and_ray_resumes_from_the_last_checkpo
                 os.kill(stopped_pid, signal.SIGCONT)  # Ray has killed it by now; else let it go
             except ProcessLookupError:
                 pass
-    records = local_replica_records(run_dir)
+    records = local_replica_records(workdir)
     retried = [r for r in records if r["pid"] not in (first[0]["pid"], stopped_pid)]
     assert {r["rank"] for r in retried} == {0, 1}, records
-    assert all(re.search(r"checkpoint_step\d+$", r["restored_from"] or "") for r in retried), retried
+    assert all(re.search(r"/checkpoints/ckpt-\d+$", r["restored_from"] or "") for r in retried), retried
     summary = json.loads((workdir / "summary.json").read_text())
     assert (summary["status"], summary["step"]) == ("finished", TOTAL_STEPS)
 

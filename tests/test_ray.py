@@ -22,8 +22,8 @@ import yaml
 from tests.conftest import REPO, run_job
 
 from job.profile import step_summary
-from tests.ray_helpers import (TINY_RAY, digests, local_replica_records, replica_records, s3_snapshot_has_checkpoint, snapshot_has_checkpoint,
-                               wait_for)
+from tests.ray_helpers import (TINY_RAY, digests, local_replica_records, replica_records, s3_store_has_checkpoint,
+                               store_has_checkpoint, wait_for)
 
 
 @pytest.mark.ray
@@ -76,13 +76,12 @@ def test_two_local_workers_agree_and_report(tmp_path, real_env):
                   "(RayTrainWorker", "Traceback"):
         assert noise not in output, (noise, output[-6000:])
     for line in ("phase head: steps 0..4", "phase finetune: steps 0..4", "validation head step 4: accuracy",
-                 "validation finetune step 8: accuracy", "checkpoint of step 8 saved, reported to Ray"):
+                 "validation finetune step 8: accuracy", f"checkpoint of step 8 saved in {workdir / 'checkpoints'}"):
         assert output.count(line) == 1, (line, output[-6000:])
     assert re.search(r"finetune step 4/4 \(100%\), \d+ img/s, loss \d\.\d+, \d+s left", output), output[-6000:]
     print(result.stderr)  # shown with -s: the console
 
-    run_dir = workdir / "ray" / "mobilenet-transfer"
-    by_step = digests(run_dir)
+    by_step = digests(workdir)
     assert sorted(by_step) == [4, 8], by_step  # one checkpointed report per epoch: head, finetune
     for step, by_rank in by_step.items():
         assert sorted(by_rank) == [0, 1] and by_rank[0] == by_rank[1], (step, by_rank)
@@ -96,11 +95,9 @@ def test_two_local_workers_agree_and_report(tmp_path, real_env):
     report = summary["ray"]["last_report"]
     assert report["step"] == 8 and report["phase"] == "finetune" and 0 <= report["val_accuracy"] <= 1
     assert report["weights_sha256"] == by_step[8][0]
-    assert summary["ray"]["checkpoint"] == str(run_dir / "checkpoint_step0000008")
-    assert sorted(p.name for p in run_dir.glob("checkpoint_step*")) == ["checkpoint_step0000004", "checkpoint_step0000008"]
-    assert (run_dir / "checkpoint_step0000008" / "ckpt-8.index").is_file()
-    assert snapshot_has_checkpoint(run_dir)
-
+    assert summary["ray"]["checkpoint"] == str(workdir / "checkpoints" / "ckpt-8")
+    # One copy of each checkpoint: the workdir's; Ray's run directory holds none.
+    assert store_has_checkpoint(workdir) == "ckpt-8" and not list((workdir / "ray").rglob("ckpt-*"))
     assert sorted(p.name for p in (workdir / "checkpoints").glob("*.index")) == ["ckpt-4.index", "ckpt-8.index"]
     assert (workdir / "export" / "model.keras").is_file()
     tensorboard = workdir / "tensorboard"
@@ -127,13 +124,12 @@ def test_job_submit_to_two_node_cluster(cluster, tmp_path):
     output = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0, output[-6000:]
     assert re.search(r"Job 'raysubmit_\w+' succeeded", output), output[-3000:]
-    run_dir = storage / "submitted"
     # STRICT_SPREAD: the two workers ran on two nodes (read from the replica records, not the console).
-    records = local_replica_records(run_dir)
+    records = local_replica_records(workdir)
     assert {r["rank"] for r in records} == {0, 1}, records
     assert len({r["node"] for r in records}) == 2, records
-    assert (run_dir / "checkpoint_step0000008" / "ckpt-8.index").is_file()
-    assert snapshot_has_checkpoint(run_dir)
+    assert store_has_checkpoint(workdir) == "ckpt-8" and (workdir / "checkpoints" / "ckpt-8.index").is_file()
+    assert (storage / "submitted").is_dir() and not list(storage.rglob("ckpt-*"))  # Ray's run state only
     assert (workdir / "export" / "saved_model" / "saved_model.pb").is_file()
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["step"] == 8 and summary["ray"]["workers"] == 2
@@ -143,9 +139,10 @@ def test_job_submit_to_two_node_cluster(cluster, tmp_path):
 @pytest.mark.real_data
 @pytest.mark.slow
 def test_killed_worker_resumes_from_the_bucket(cluster, s3, tmp_path):
-    """2 workers into s3://, no shared filesystem: SIGKILL rank 1 once Ray holds a checkpoint;
-    Ray restarts the worker group, whose workers start from empty scratch of their own and
-    restore Ray's checkpoint from the bucket, and the job completes with every output there."""
+    """2 workers into s3://, no shared filesystem: SIGKILL rank 1 once a checkpoint is complete in
+    the bucket; Ray restarts the worker group, whose workers start from empty scratch of their
+    own and restore that checkpoint from the bucket, and the job completes with every output
+    there, each checkpoint stored once (under checkpoints/, none under Ray's run directory)."""
     bucket = s3.bucket()
     log_path = tmp_path / "job.log"
     # 3 head epochs: 8 more steps after the first checkpoint, time enough to kill a worker mid-run.
@@ -156,11 +153,11 @@ def test_killed_worker_resumes_from_the_bucket(cluster, s3, tmp_path):
                                stdout=log, stderr=subprocess.STDOUT)
     try:
         alive = lambda: job.poll() is None  # noqa: E731
-        # Registered by Ray's controller (in its snapshot), not only uploaded: a worker killed
-        # between the two would rightly restart from the checkpoint before.
-        wait_for(lambda: s3_snapshot_has_checkpoint(s3, bucket, "run/ray/faulty"), 400,
-                  "Ray's first registered checkpoint", alive=alive)
-        first = [r for r in replica_records(s3, bucket, "run/ray/faulty/") if r["rank"] == 1][0]
+        # Complete in the bucket (its index there names it), and rank 1's record of it uploaded.
+        wait_for(lambda: s3_store_has_checkpoint(s3, bucket, "run") and
+                 [r for r in replica_records(s3, bucket, "run") if r["rank"] == 1], 400,
+                 "the first checkpoint in the bucket", alive=alive)
+        first = [r for r in replica_records(s3, bucket, "run") if r["rank"] == 1][0]
         os.kill(first["pid"], signal.SIGKILL)
         job.wait(timeout=500)
     finally:
@@ -170,18 +167,25 @@ def test_killed_worker_resumes_from_the_bucket(cluster, s3, tmp_path):
     assert job.returncode == 0, output[-6000:]
     summary = json.loads(s3.client().get_object(Bucket=bucket, Key="run/summary.json")["Body"].read())
     assert summary["step"] == 16 and summary["status"] == "finished"
-    # The checkpoints Ray kept (the newest 2) were written by the restarted group.
-    records = replica_records(s3, bucket, "run/ray/faulty/")
+    # The checkpoints after the kill were written by the restarted group.
+    records = replica_records(s3, bucket, "run")
     retried = [r for r in records if r["pid"] != first["pid"] and r["step"] > first["step"]]
     assert sorted({r["rank"] for r in retried}) == [0, 1], records
     for record in retried:
         print(record)  # shown with -s: the evidence of the resume
-        assert re.fullmatch(rf"{bucket}/run/ray/faulty/checkpoint_step\d+", record["restored_from"]), record
+        assert re.fullmatch(rf"s3://{bucket}/run/checkpoints/ckpt-\d+", record["restored_from"]), record
         assert record["scratch_was_empty"] and record["scratch"] != first["scratch"]
     assert len({r["scratch"] for r in retried}) == 2  # each worker its own
     keys = s3.keys(bucket, "run/")
     assert "run/export/model.keras" in keys and "run/checkpoints/ckpt-16.index" in keys
     assert any(k.startswith("run/tensorboard/validation/events.out.tfevents") for k in keys)
+    # One copy of each checkpoint, from the listing: its files under checkpoints/ and nowhere else.
+    checkpoint_files = [k for k in keys if re.search(r"/ckpt-\d+\.", k)]
+    assert checkpoint_files and all(k.startswith("run/checkpoints/ckpt-") for k in checkpoint_files), keys
+    indexes = [k for k in checkpoint_files if k.endswith(".index")]
+    assert all(k.replace(".index", ".data-00000-of-00001") in keys for k in indexes), keys
+    sizes = {o["Key"]: o["Size"] for o in s3.client().list_objects_v2(Bucket=bucket, Prefix="run/ray/").get("Contents", [])}
+    assert sum(sizes.values()) < 100_000, sizes  # Ray's run state: small files only
 
 
 @pytest.mark.ray
@@ -247,50 +251,47 @@ def test_cluster_configs_are_valid():
     assert load_config(str(REPO / "configs" / "ray_local.yaml")).ray.enabled
 
 
-def test_resume_takes_the_newer_checkpoint(tmp_path):
-    """Rank 0's restore from ray.train.get_checkpoint(): Ray's checkpoint goes into the workdir
-    only when newer than the workdir's own, and arrives as a checkpoint TF lists and restores."""
-    import tensorflow as tf
-
-    from job.checkpoints import adopt_checkpoint, checkpoint_step, copy_latest_checkpoint
-
-    value = tf.Variable(0.0)
-    checkpoint = tf.train.Checkpoint(value=value)
-    saved = tf.train.CheckpointManager(checkpoint, str(tmp_path / "chief"), max_to_keep=3)
-    for step in (4, 8):
-        value.assign(float(step))
-        saved.save(checkpoint_number=step)
-    reported = tmp_path / "reported"  # what rank 0 hands to ray.train.report: the newest only
-    assert copy_latest_checkpoint(str(tmp_path / "chief"), str(reported)) == 8
-    assert sorted(p.name for p in reported.iterdir()) == ["checkpoint", "ckpt-8.data-00000-of-00001", "ckpt-8.index"]
-
-    workdir = tmp_path / "workdir" / "checkpoints"
-    assert adopt_checkpoint(str(reported), str(workdir)) and checkpoint_step(str(workdir)) == 8
-    value.assign(0.0)
-    restored = tf.train.CheckpointManager(checkpoint, str(workdir), max_to_keep=3)
-    assert [os.path.basename(p) for p in restored.checkpoints] == ["ckpt-8"]
-    checkpoint.restore(restored.latest_checkpoint).assert_existing_objects_matched()
-    assert value.numpy() == 8.0
-
-    value.assign(12.0)
-    restored.save(checkpoint_number=12)  # the chief got further than its last report
-    assert not adopt_checkpoint(str(reported), str(workdir)) and checkpoint_step(str(workdir)) == 12
-
-
-def test_scaling_and_run_config_follow_the_settings(tmp_path):
+def test_scaling_and_run_config_follow_the_settings(tmp_path, monkeypatch):
     """ray.* settings -> ScalingConfig (1 or N GPUs per worker) and RunConfig (name, storage,
     failures, retention)."""
     from job.config import load_config
+    from job.errors import ConfigError
     from job.launch import run_config, scaling_config
 
     config = load_config(None, [f"workdir={tmp_path}", "ray.num_workers=2", "ray.use_gpu=true", "ray.gpus_per_worker=4",
                                 "ray.cpus_per_worker=8", "ray.resources_per_worker={trainer: 1}", "ray.max_failures=5",
-                                "ray.keep_checkpoints=3", "ray.name=layout"])
+                                "ray.name=layout"])
     scaling = scaling_config(config.ray)
     assert scaling.num_workers == 2 and scaling.use_gpu
     assert scaling.resources_per_worker == {"CPU": 8, "GPU": 4, "trainer": 1}
     run = run_config(config)
-    assert run.name == "layout" and run.storage_path == str(tmp_path / "ray")
-    assert run.failure_config.max_failures == 5 and run.checkpoint_config.num_to_keep == 3
+    assert run.name == "layout" and run.storage_path == str(tmp_path / "ray") and run.storage_filesystem is None
+    assert run.failure_config.max_failures == 5
+    # A URI goes through the job's own filesystem (bounded requests; the GCS emulator too).
+    monkeypatch.setenv("AWS_REGION", "us-east-1")  # else the bucket's region is asked of AWS
+    remote = run_config(load_config(None, ["workdir=s3://some-bucket/run", "ray.name=layout"]))
+    assert remote.storage_path == "some-bucket/run/ray" and type(remote.storage_filesystem).__name__ == "S3FileSystem"
+    with pytest.raises(ConfigError, match=r"^ray.keep_checkpoints is no longer a setting: each checkpoint is stored "
+                                          r"once, in <workdir>/checkpoints"):
+        load_config(None, ["ray.keep_checkpoints=3"])
     cpu = scaling_config(load_config(None, ["ray.cpus_per_worker=0.5"]).ray)
     assert not cpu.use_gpu and cpu.resources_per_worker == {"CPU": 0.5}
+
+
+def test_a_local_workdir_the_driver_does_not_share_is_said_before_training(tmp_path, caplog):
+    """A worker that does not see the lock file the driver holds in a local-path workdir (a path
+    on another node's disk, not a shared mount) says so in one line; one that sees it says nothing."""
+    from job.launch import _unshared_path_warning
+    from job.storage import Workdir
+
+    (tmp_path / ".lock").write_text("4242")
+    workdir = Workdir.open(str(tmp_path))
+    with caplog.at_level("WARNING", logger="job.launch"):
+        _unshared_path_warning(workdir, "4242", rank=1)
+        assert not caplog.records
+        _unshared_path_warning(workdir, "777", rank=1)
+    line = (f"workdir={str(tmp_path)!r} is a local path this node does not share with the driver's: checkpoints "
+            "written here are invisible to a worker restarted on another node and to the driver's export; use an "
+            "s3:// or gs:// URI or a path every node mounts (rank 1)")
+    assert [r.getMessage() for r in caplog.records] == [line]
+    _unshared_path_warning(Workdir.open("s3://b/run"), None, rank=1)  # a URI: nothing to check
