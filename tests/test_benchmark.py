@@ -121,6 +121,7 @@ def _script(name):
     return module
 
 
+@pytest.mark.slow
 def test_compare_scripts_write_their_ratios(tmp_path, mock_data):
     config = tmp_path / "config.yaml"
     config.write_text("{}\n")

@@ -258,6 +258,7 @@ def test_caches_go_to_memory_only_when_they_fit_the_budget(prepared):
 # --- end to end --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_training_on_a_prepared_dataset_streams_it_and_logs_where_the_caches_went(prepared, tmp_path):
     _, data_dir, _ = prepared
     result = run_job("train", "configs/tiny.yaml", *tiny(

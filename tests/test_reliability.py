@@ -547,6 +547,7 @@ def test_a_changed_setting_of_a_finished_phase_restores_the_weights_and_says_so(
     assert after.pop("config.yaml") != before.pop("config.yaml") and after == before  # a resume: the new config
 
 
+@pytest.mark.slow
 @pytest.mark.real_data
 def test_reset_optimizer_trains_on_with_a_fresh_optimizer_and_a_truncated_newest_still_falls_back(
         finished_run, offline, tmp_path):

@@ -443,6 +443,7 @@ def test_a_store_frozen_over_two_checkpoints_is_ridden_out_and_every_checkpoint_
     assert read_back == {"ckpt-8": 8, "ckpt-12": 12, "ckpt-16": 16}
 
 
+@pytest.mark.slow
 @pytest.mark.real_data
 def test_a_store_away_past_the_bound_ends_the_run_naming_the_last_safe_checkpoint(s3_env, tmp_path):
     """Frozen once ckpt-4 is in the bucket and never thawed during the run: with

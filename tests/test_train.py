@@ -67,6 +67,7 @@ def test_head_phase_leaves_the_backbone_untouched(tmp_path):
     assert sorted(last[k].shape for k in changed) == [(10,), (1280, 10)]
 
 
+@pytest.mark.slow
 def test_finetune_on_cached_frozen_activations_matches_training_on_images(tmp_path):
     """cache_frozen changes where the frozen bottom runs, not the numbers: same flips (from the
     mirrored images' activations), same flip test-time augmentation, same sharpened upscaling,
@@ -87,6 +88,7 @@ def test_finetune_on_cached_frozen_activations_matches_training_on_images(tmp_pa
         np.testing.assert_allclose(cached[name], value, rtol=1e-3, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.real_data
 def test_mirrored_on_two_cpu_devices_matches_one_device(tmp_path):
     """Same global batch over 2 replicas or 1: the loss is averaged over the global batch,
