@@ -257,8 +257,11 @@ class RayConfig(_Section):
 
 
 class ExportConfig(_Section):
-    """What `export` writes besides model.keras and the SavedModel (job.litert)."""
+    """What `export` writes besides model.keras and the SavedModel (job.litert), and whether `train` exports."""
 
+    # `train` exports its final checkpoint when it finishes. false: it stops at the checkpoint and
+    # `python -m job export CONFIG` writes the export later (a search's trials, a small driver node).
+    after_train: bool = True
     # LiteRT files for phones and edge devices, export/model_<kind>.tflite: float16 weights, or
     # full-integer int8 (post-training). `python -m job export CONFIG --litert float16,int8` sets it.
     litert: list[Literal["float16", "int8"]] = []

@@ -352,10 +352,9 @@ def _merge_summary(workdir: Workdir, config: Config, metrics: Optional[dict], ex
     return summary
 
 
-def train_on_ray(config: Config, callbacks: tuple = (), export_model: bool = True) -> dict:
-    """Train on Ray workers, then export from the final checkpoint; returns the run summary.
-    `callbacks`: more Ray Train callbacks (job.tune_trial passes its reports on to Ray Tune);
-    `export_model=False` leaves the export to `python -m job export` (a search's trials)."""
+def train_on_ray(config: Config, callbacks: tuple = ()) -> dict:
+    """Train on Ray workers, then (export.after_train) export from the final checkpoint; returns
+    the run summary. `callbacks`: more Ray Train callbacks (job.tune_trial passes its reports on to Ray Tune)."""
     from job.export import export
     from job.resume import check_resume
 
@@ -382,7 +381,7 @@ def train_on_ray(config: Config, callbacks: tuple = (), export_model: bool = Tru
                     raise Preempted(f"stopped by {stopped_by} at step {summary['step']}; checkpoint "
                                     f"{summary['ray']['checkpoint']}; rerun the same command to resume")
                 # The chief has uploaded its last checkpoint before its worker ended: export reads it there.
-                exported = export(config, workdir) if export_model else None
+                exported = export(config, workdir) if config.export.after_train else None
                 return _merge_summary(workdir, config, metrics, exported, "finished")
         finally:
             workdir.close()

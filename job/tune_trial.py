@@ -46,6 +46,7 @@ def trial_config(base: dict, settings: dict, workdir: str) -> Config:
     config = with_settings(Config.model_validate(base), settings)
     config.workdir = workdir
     config.telemetry.progress_bar = False  # no terminal: a progress line at most every progress_every_s
+    config.export.after_train = False  # `python -m job export` exports the trial a user picks
     return config
 
 
@@ -80,7 +81,7 @@ def run_trial(settings: dict, payload: dict) -> None:
     if config.ray.enabled:
         from job.launch import train_on_ray
 
-        train_on_ray(config, callbacks=(ValidationsToTune(),), export_model=False)
+        train_on_ray(config, callbacks=(ValidationsToTune(),))
     else:
         _train_in_this_process(config)
 

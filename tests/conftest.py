@@ -20,8 +20,9 @@ DATASETS, KERAS_HOME = SHARED / "datasets", SHARED / "keras"
 WEIGHTS = KERAS_HOME / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
 
 # The cheapest run: a few steps of each phase on 256 real images at 32 px, random weights,
-# MobileNetV2 alpha 0.35 (5 MB checkpoints), a checkpoint every 4 steps. Every test starts
-# from it (through `tiny`) and changes only what it is about.
+# MobileNetV2 alpha 0.35 (5 MB checkpoints), a checkpoint every 4 steps, and no export at the
+# end (a SavedModel costs more than such a run's training). Every test starts from it (through
+# `tiny`) and changes only what it is about; the tests of an export add EXPORTS.
 TINY = [
     "data.train_split=train[:256]",
     "data.val_split=train[49872:]",
@@ -35,7 +36,9 @@ TINY = [
     "telemetry.log_every_steps=2",
     "telemetry.profile_steps=null",
     "telemetry.progress_bar=false",
+    "export.after_train=false",
 ]
+EXPORTS = "export.after_train=true"
 # The real ImageNet weights, at 64 px so that they matter (at 32 px the last feature map is 1x1).
 REAL_WEIGHTS = ["model.image_size=64", "model.alpha=1.0", "model.weights=imagenet"]
 # Under tfds.testing.mock_data: random images in every split, nothing read from disk.
@@ -48,9 +51,21 @@ def pytest_addoption(parser):
                      help="also run the tests marked slow (multi-minute scenarios); `make test-all` and CI do")
 
 
+# The files whose tests take longest, longest first (measured in CI). pytest-xdist hands out
+# one file at a time (--dist loadfile --no-loadscope-reorder: in this order), so the two
+# processes start on the long scenario files and the many short files fill in at the end,
+# instead of one process running a long file alone while the other has finished.
+LONGEST_FIRST = ("test_preemption.py", "test_ray.py", "test_storage.py", "test_reliability.py", "test_train.py",
+                 "test_data_at_scale.py", "test_litert.py", "test_any_data.py", "test_tune.py", "test_end_to_end.py",
+                 "test_benchmark.py", "test_gpu_readiness.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """`make test` (plain pytest) skips the tests marked slow, with the reason shown by -rs;
-    `make test-all`, `pytest --slow` or RUN_SLOW=1 run them, and .ci/run does."""
+    """Longest files first (LONGEST_FIRST; the others after them, as collected). `make test`
+    (plain pytest) skips the tests marked slow, with the reason shown by -rs; `make test-all`,
+    `pytest --slow` or RUN_SLOW=1 run them, and .ci/run does."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: a file's tests keep their order
     if config.getoption("--slow"):
         return
     skip = pytest.mark.skip(reason="marked slow: `make test-all` (CI), `pytest --slow` or RUN_SLOW=1 runs it")

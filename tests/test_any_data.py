@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 
 from job import data as data_lib
 from job.config import load_config
-from tests.conftest import DATASETS, REPO, job_env, run_job, tiny
+from tests.conftest import DATASETS, EXPORTS, REPO, job_env, run_job, tiny
 
 MOCK = ["data.data_dir=/nonexistent/tfds", "data.eval_split=train", "train.batch_size=8", "train.head.epochs=1",
         "train.finetune.epochs=1", "model.image_size=32", "model.alpha=0.35", "model.weights=none",
@@ -118,7 +118,7 @@ def test_a_folder_of_mixed_images_trains_skips_the_broken_file_and_predicts_by_n
     workdir = tmp_path / "run"
     args = ["train", "configs/tiny.yaml", *tiny(f"data.image_dir={image_folder}", "data.train_split=train[:80%]",
                                                  "data.val_split=train[80%:]", "data.eval_split=test",
-                                                 "train.batch_size=8", "data.name=my_images"), f"workdir={workdir}"]
+                                                 "train.batch_size=8", "data.name=my_images", EXPORTS), f"workdir={workdir}"]
     result = run_job(*args, env=real_env)
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"1 file(s) do not decode and are left out: {image_folder / 'train' / 'horse' / 'broken.jpg'}" in result.stderr

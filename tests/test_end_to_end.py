@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import (DATASETS, KERAS_HOME, REAL_WEIGHTS, REPO, WEIGHTS, free_port, http_json, job_env, run_job,
+from tests.conftest import (DATASETS, EXPORTS, KERAS_HOME, REAL_WEIGHTS, REPO, WEIGHTS, free_port, http_json, job_env, run_job,
                             tiny)
 
 pytestmark = pytest.mark.real_data
 REAL = {"TFDS_DATA_DIR": str(DATASETS), "KERAS_HOME": str(KERAS_HOME)}
 # The real weights, a few steps of each phase, a profile of steps 1-2 of the fine-tune phase.
-TINY_REAL = tiny(REAL_WEIGHTS, "telemetry.profile_steps=[1,3]")
+TINY_REAL = tiny(REAL_WEIGHTS, "telemetry.profile_steps=[1,3]", EXPORTS)
 
 
 @pytest.fixture(scope="module")

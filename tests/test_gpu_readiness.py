@@ -57,8 +57,8 @@ def test_the_gpu_recipe_on_a_cpu_machine_is_refused_unless_asked(real_env, tmp_p
         "error: train.require_gpu=true but TensorFlow sees no GPU here (no GPU, or CUDA did not load: pip install -e "
         "'.[gpu]'); set train.require_gpu=false to run on the CPU")
     assert not (tmp_path / "gpu").exists()
-    result = run_job("train", "configs/cifar10_full.yaml", *small, "train.require_gpu=false",
-                     "train.finetune.epochs=0.25", f"workdir={tmp_path / 'cpu'}", env=real_env, check=True)
+    result = run_job("train", "configs/cifar10_full.yaml", *small, "train.require_gpu=false", "train.finetune.epochs=0.25",
+                     "export.after_train=false", f"workdir={tmp_path / 'cpu'}", env=real_env, check=True)
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["status"] == "finished"
     assert "devices: /device:CPU:0 (_DefaultDistributionStrategy, 1 replicas)" in result.stderr

@@ -19,7 +19,7 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import REPO, run_job
+from tests.conftest import EXPORTS, REPO, run_job
 
 from job.profile import step_summary
 from tests.ray_helpers import (TINY_RAY, digests, local_replica_records, replica_records, s3_store_has_checkpoint,
@@ -61,7 +61,7 @@ def test_two_local_workers_agree_and_report(tmp_path, real_env):
     checkpoint reported each epoch, only the chief writes the workdir, every worker profiled,
     and a console a person can read."""
     workdir = tmp_path / "run"
-    result = run_job("train", "configs/tiny.yaml", *TINY_RAY, "ray.enabled=true", f"workdir={workdir}",
+    result = run_job("train", "configs/tiny.yaml", *TINY_RAY, EXPORTS, "ray.enabled=true", f"workdir={workdir}",
                      "telemetry.profile_steps=[1,3]", "telemetry.profile_phase=finetune",
                      "telemetry.profile_all_workers=true", "telemetry.progress_bar=true", "telemetry.progress_every_s=0",
                      env={"RAY_ADDRESS": ""},
@@ -117,7 +117,7 @@ def test_job_submit_to_two_node_cluster(cluster, tmp_path):
     succeeds, checkpoints land in the storage path and the export in the workdir."""
     workdir, storage = tmp_path / "run", tmp_path / "storage"
     submitted = subprocess.run(
-        ["bash", "cluster/submit.sh", "configs/tiny.yaml", *TINY_RAY, "ray.placement_strategy=STRICT_SPREAD",
+        ["bash", "cluster/submit.sh", "configs/tiny.yaml", *TINY_RAY, EXPORTS, "ray.placement_strategy=STRICT_SPREAD",
          "ray.name=submitted", f"workdir={workdir}", f"ray.storage_path={storage}"],
         cwd=REPO, env={**cluster.env, "RAY_ADDRESS": cluster.address, "PYTHON": sys.executable},
         capture_output=True, text=True, timeout=600)
@@ -146,7 +146,7 @@ def test_killed_worker_resumes_from_the_bucket(cluster, s3, tmp_path):
     bucket = s3.bucket()
     log_path = tmp_path / "job.log"
     # 3 head epochs: 8 more steps after the first checkpoint, time enough to kill a worker mid-run.
-    args = ["train", "configs/tiny.yaml", *TINY_RAY, "train.head.epochs=3", "ray.enabled=true", "ray.name=faulty",
+    args = ["train", "configs/tiny.yaml", *TINY_RAY, EXPORTS, "train.head.epochs=3", "ray.enabled=true", "ray.name=faulty",
             f"ray.address={cluster.head_ip}:{cluster.gcs}", f"workdir=s3://{bucket}/run"]
     with open(log_path, "w") as log:
         job = subprocess.Popen([sys.executable, "-m", "job", *args], cwd=REPO, env=cluster.env,

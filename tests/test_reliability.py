@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DATASETS, KERAS_HOME, REPO, WEIGHTS, job_env, run_job, tiny
+from tests.conftest import DATASETS, EXPORTS, KERAS_HOME, REPO, WEIGHTS, job_env, run_job, tiny
 
 CONFIG = "configs/tiny.yaml"
 # The cheapest real run: the head phase alone, 8 steps (tests.conftest.TINY).
@@ -534,7 +534,7 @@ def test_a_setting_that_changes_the_saved_state_of_a_phase_under_way_is_refused(
 
 @pytest.mark.real_data
 def test_a_changed_setting_of_a_finished_phase_restores_the_weights_and_says_so(finished_run, offline, tmp_path):
-    workdir, before, result = _rerun_copy(finished_run, tmp_path, offline, "train.finetune.unfreeze=50")
+    workdir, before, result = _rerun_copy(finished_run, tmp_path, offline, "train.finetune.unfreeze=50", EXPORTS)
     assert result.returncode == 0, result.stderr[-4000:]
     notes = [line for line in result.stderr.splitlines() if "optimizer starts fresh" in line]
     assert len(notes) == 1 and re.search(

@@ -25,7 +25,7 @@ import pytest
 
 from job.errors import WorkdirBusy
 from job.storage import RemoteLease, Workdir, WorkdirLock, is_uri, join
-from tests.conftest import DATASETS, KERAS_HOME, REPO, WEIGHTS, free_port, http_json, job_env, run_job, tiny
+from tests.conftest import DATASETS, EXPORTS, KERAS_HOME, REPO, WEIGHTS, free_port, http_json, job_env, run_job, tiny
 
 
 def test_uris_never_go_through_path_helpers():
@@ -134,7 +134,7 @@ def s3_run(s3, tmp_path_factory):
     scratch = tmp_path_factory.mktemp("scratch")  # TMPDIR: where each process's scratch goes
     holds = tmp_path_factory.mktemp("holds")
     env = {**s3.env, "TFDS_DATA_DIR": str(DATASETS), "KERAS_HOME": str(KERAS_HOME), "TMPDIR": str(scratch)}
-    args = ["train", "configs/tiny.yaml", *tiny("model.image_size=64", "telemetry.profile_steps=[1,3]"),
+    args = ["train", "configs/tiny.yaml", *tiny("model.image_size=64", "telemetry.profile_steps=[1,3]", EXPORTS),
             f"workdir=s3://{bucket}/runs/tiny"]
     job = start_job(args, {**env, "JOB_TEST_HOLD_STEPS": "4,12", "JOB_TEST_HOLD_DIR": str(holds)}, holds / "job.log")
     with _store_frozen_after_step_4(s3, bucket, "runs/tiny", job, holds) as thaw:
@@ -270,7 +270,7 @@ def gcs_run(gcs, tmp_path_factory):
     bucket = gcs.bucket()
     scratch = tmp_path_factory.mktemp("scratch")
     env = {**gcs.env, "TFDS_DATA_DIR": str(DATASETS), "KERAS_HOME": str(KERAS_HOME), "TMPDIR": str(scratch)}
-    args = ["train", "configs/tiny.yaml", *tiny("model.image_size=64", "telemetry.profile_steps=[1,3]"),
+    args = ["train", "configs/tiny.yaml", *tiny("model.image_size=64", "telemetry.profile_steps=[1,3]", EXPORTS),
             f"workdir=gs://{bucket}/runs/tiny"]
     first = run_job(*args, env=env, check=True)
     keys_after_first = gcs.keys(bucket)
