@@ -149,7 +149,7 @@ def s3_run(s3, tmp_path_factory):
     keys_after_first = s3.keys(bucket)
     read_back = _store_checkpoints_read_back(s3, bucket, "runs/tiny")
     leftovers = sorted(os.listdir(scratch))
-    second = run_job(*args, "train.finetune.epochs=2", env=env, check=True)
+    second = run_job(*args, "train.finetune.epochs=2", "export.after_train=false", env=env, check=True)  # the resume
     return bucket, env, first, second, keys_after_first, leftovers, read_back
 
 
@@ -275,7 +275,7 @@ def gcs_run(gcs, tmp_path_factory):
     first = run_job(*args, env=env, check=True)
     keys_after_first = gcs.keys(bucket)
     leftovers = sorted(os.listdir(scratch))
-    second = run_job(*args, "train.finetune.epochs=2", env=env, check=True)
+    second = run_job(*args, "train.finetune.epochs=2", "export.after_train=false", env=env, check=True)  # the resume
     return bucket, env, first, second, keys_after_first, leftovers
 
 
