@@ -191,7 +191,8 @@ def _train(config) -> int:
             summary = train_on_ray(config)
         else:
             summary = train_and_evaluate(config)
-            if summary["chief"] and config.export.after_train:  # the other workers of a multi-worker run write no shared files
+            # The other workers of a multi-worker run write no shared files.
+            if summary["chief"] and config.export.after_train:
                 export(config, config.workdir)
     except Preempted as stop:
         print(str(stop), file=sys.stderr)

@@ -23,7 +23,7 @@ from tests.conftest import DATASETS, KERAS_HOME, WEIGHTS, run_job, tiny
 from tests.ray_helpers import TINY_RAY, free_ports, local_replica_records, start_job, store_has_checkpoint, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.real_data]
-# The scenarios (a Ray or hand-launched run of 44 steps, signalled, resumed) take 1-7 minutes
+# The scenarios (a Ray or hand-launched run of 16 or 32 steps, signalled, resumed) took 40-155 s
 # each: marked slow, so `make test` skips them and `make test-all` (CI) runs them.
 
 # 4 head steps (cached features), then 12 fine-tune steps at 64 px, one step per call: a
